@@ -1,0 +1,303 @@
+"""Weights from elsewhere: the authors' CAV-MAE Sync / CAV-MAE checkpoints and ImageNet MAE ViTs.
+
+Each format is described by a table of key rules; anything a rule does not cover is an error that
+lists the keys, never silently dropped. Positional embeddings are fixed sin-cos in every format:
+they are recomputed here and a file whose tables differ is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from avsync.checkpoint_io import CheckpointError, read_weights, state_dict_of
+from avsync.model.backbone import CAVMAESync
+
+log = logging.getLogger(__name__)
+
+_LEAF = r"(weight|bias)"
+_BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
+#: authors' key pattern -> avsync key template
+AUTHORS_RULES: list[tuple[str, str]] = [
+    (rf"patch_embed_a\.proj\.{_LEAF}", r"audio_tokenizer.patch_embed.proj.\1"),
+    (rf"patch_embed_v\.proj\.{_LEAF}", r"video_tokenizer.patch_embed.proj.\1"),
+    (r"modality_a", "audio_tokenizer.modality"),
+    (r"modality_v", "video_tokenizer.modality"),
+    (r"cls_token_a", "global_tokens.audio"),
+    (r"cls_token_v", "global_tokens.video"),
+    (rf"blocks_a\.(\d+)\.{_BLOCK}\.{_LEAF}", r"audio_encoder.\1.\2.\3"),
+    (rf"blocks_v\.(\d+)\.{_BLOCK}\.{_LEAF}", r"video_encoder.\1.\2.\3"),
+    (rf"blocks_u\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.{_LEAF}", r"joint.blocks.\1.\2.\3"),
+    (rf"blocks_u\.(\d+)\.(norm[12])\.{_LEAF}", r"joint.blocks.\1.\2.joint.\3"),
+    (rf"blocks_u\.(\d+)\.(norm[12])_a\.{_LEAF}", r"joint.blocks.\1.\2.audio.\3"),
+    (rf"blocks_u\.(\d+)\.(norm[12])_v\.{_LEAF}", r"joint.blocks.\1.\2.video.\3"),
+    (rf"norm\.{_LEAF}", r"joint.norm.\1"),
+    (rf"norm_a\.{_LEAF}", r"joint.norm_audio.\1"),
+    (rf"norm_v\.{_LEAF}", r"joint.norm_video.\1"),
+    (rf"constrative_head_audio\.(\d+)\.{_BLOCK}\.{_LEAF}", r"joint.contrastive_heads.audio.\1.\2.\3"),
+    (rf"constrative_head_visual\.(\d+)\.{_BLOCK}\.{_LEAF}", r"joint.contrastive_heads.video.\1.\2.\3"),
+    (rf"decoder_embed\.{_LEAF}", r"decoder.embed.\1"),
+    (r"mask_token", "decoder.mask_token"),
+    (r"decoder_modality_a", "decoder.modality_audio"),
+    (r"decoder_modality_v", "decoder.modality_video"),
+    (rf"decoder_blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", r"decoder.blocks.\1.\2.\3"),
+    (rf"decoder_norm\.{_LEAF}", r"decoder.norm.\1"),
+    (rf"decoder_pred_a\.{_LEAF}", r"decoder.predict_audio.\1"),
+    (rf"decoder_pred_v\.{_LEAF}", r"decoder.predict_video.\1"),
+]
+
+#: Every authors' block carries all three LayerNorm sets, but only the joint block reads `_a`/`_v`.
+AUTHORS_UNUSED = re.compile(
+    rf"(blocks_a|blocks_v|decoder_blocks|constrative_head_audio|constrative_head_visual)\.\d+\.norm[12]_[av]\.{_LEAF}"
+)
+
+#: Fixed sin-cos tables in the authors' file -> the avsync buffer they must equal.
+AUTHORS_FIXED = {
+    "pos_embed_a": "audio_tokenizer.pos_embed",
+    "pos_embed_v": "video_tokenizer.pos_embed",
+    "decoder_pos_embed_a": "decoder.pos_audio",
+    "decoder_pos_embed_v": "decoder.pos_video",
+}
+
+#: The authors' constructor arguments and the avsync argument each one sets.
+AUTHORS_ARGUMENTS = {
+    "audio_length": "audio_length",
+    "img_size": "image_size",
+    "patch_size": "patch_size",
+    "embed_dim": "embed_dim",
+    "num_heads": "num_heads",
+    "mlp_ratio": "mlp_ratio",
+    "decoder_embed_dim": "decoder_dim",
+    "decoder_num_heads": "decoder_heads",
+    "decoder_depth": "decoder_depth",
+    "num_register_tokens": "num_registers",
+    "cls_token": "global_token",
+    "norm_pix_loss": "norm_pix_loss",
+}
+#: Authors' arguments that do not change the backbone (data or training settings).
+AUTHORS_IGNORED_ARGUMENTS = {"total_frame", "in_chans", "global_local_losses", "keep_register_tokens"}
+
+
+def _translate(key: str, rules: list[tuple[str, str]]) -> str | None:
+    for pattern, template in rules:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return match.expand(template)
+    return None
+
+
+def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_authors_config(state: dict[str, torch.Tensor]) -> dict:
+    """avsync constructor arguments readable off the authors' tensor shapes (not the head counts)."""
+    try:
+        embed_dim = state["patch_embed_v.proj.weight"].shape[0]
+        patch = state["patch_embed_v.proj.weight"].shape[-1]
+        video_patches = state["pos_embed_v"].shape[1]
+        audio_patches = state["pos_embed_a"].shape[1]
+        mel_bins = 128  # the authors' audio grid is always 8 frequency patches of 16 bins
+        config = dict(
+            embed_dim=embed_dim,
+            patch_size=patch,
+            image_size=round(video_patches**0.5) * patch,
+            mel_bins=mel_bins,
+            audio_length=audio_patches * patch * patch // mel_bins,
+            mlp_ratio=state["blocks_a.0.mlp.fc1.weight"].shape[0] / embed_dim,
+            encoder_depth=_count(state, "blocks_a"),
+            joint_depth=_count(state, "blocks_u"),
+            decoder_dim=state["decoder_embed.weight"].shape[0],
+            decoder_depth=_count(state, "decoder_blocks"),
+            num_registers=state["register_tokens"].shape[0] // 2 if "register_tokens" in state else 0,
+            global_token="cls_token_a" in state,
+            contrastive_head_depth=_count(state, "constrative_head_audio"),
+        )
+    except KeyError as error:
+        raise CheckpointError(f"not a CAV-MAE / CAV-MAE Sync state dict: missing {error}") from error
+    config["num_heads"] = max(1, embed_dim // 64)
+    config["decoder_heads"] = max(1, config["decoder_dim"] // 32)
+    return config
+
+
+def _authors_config(state: dict[str, torch.Tensor], authors_kwargs: dict) -> dict:
+    config = infer_authors_config(state)
+    unknown = set(authors_kwargs) - set(AUTHORS_ARGUMENTS) - AUTHORS_IGNORED_ARGUMENTS - {
+        "modality_specific_depth",
+        "contrastive_heads",
+        "tr_pos",
+    }
+    if unknown:
+        raise CheckpointError(f"unknown authors' constructor arguments: {sorted(unknown)}")
+    if authors_kwargs.get("tr_pos"):
+        raise CheckpointError("tr_pos=True (learned positions) is not supported: avsync positions are fixed sin-cos")
+    given = {AUTHORS_ARGUMENTS[k]: v for k, v in authors_kwargs.items() if k in AUTHORS_ARGUMENTS}
+    if "modality_specific_depth" in authors_kwargs:
+        given["encoder_depth"] = authors_kwargs["modality_specific_depth"]
+        given["joint_depth"] = 12 - authors_kwargs["modality_specific_depth"]
+    if "contrastive_heads" in authors_kwargs:
+        given["contrastive_head_depth"] = 2 if authors_kwargs["contrastive_heads"] else 0
+    conflicts = {
+        k: (v, config[k])
+        for k, v in given.items()
+        if k in config and k not in ("num_heads", "decoder_heads", "norm_pix_loss") and config[k] != v
+    }
+    if conflicts:
+        detail = ", ".join(f"{k}: given {a}, weights say {b}" for k, (a, b) in sorted(conflicts.items()))
+        raise CheckpointError(f"authors' arguments disagree with the checkpoint's shapes: {detail}")
+    return {**config, **given}
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def convert_authors_state_dict(
+    state: dict[str, torch.Tensor], model: CAVMAESync, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """The authors' keys renamed to avsync's; every problem is collected and raised together."""
+    expected = model.state_dict()
+    buffers = dict(model.named_buffers())
+    converted: dict[str, torch.Tensor] = {}
+    unexpected, wrong_shape, wrong_fixed = [], [], []
+    for key, tensor in state.items():
+        if AUTHORS_UNUSED.fullmatch(key):
+            continue
+        if key in AUTHORS_FIXED:
+            reference = buffers[AUTHORS_FIXED[key]]
+            if tensor.shape != reference.shape or not torch.allclose(tensor.float(), reference, atol=1e-5):
+                wrong_fixed.append(key)
+            continue
+        if key == "register_tokens":
+            count = model.registers.count
+            if tensor.shape != (2 * count, model.embed_dim):
+                wrong_shape.append(f"{key}: {tuple(tensor.shape)} vs {(2 * count, model.embed_dim)}")
+                continue
+            converted["registers.audio"], converted["registers.video"] = tensor[:count], tensor[count:]
+            continue
+        target = _translate(key, AUTHORS_RULES)
+        if target is None or target not in expected:
+            unexpected.append(key)
+        elif tensor.shape != expected[target].shape:
+            wrong_shape.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[target].shape)}")
+        else:
+            converted[target] = tensor
+    missing = sorted(set(expected) - set(converted))
+    problems = []
+    if missing:
+        problems.append(f"missing for avsync keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {sorted(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shapes {wrong_shape}")
+    if wrong_fixed:
+        problems.append(f"positional tables that are not the fixed sin-cos ones: {wrong_fixed}")
+    if problems:
+        raise CheckpointError(f"{source}: cannot load as CAV-MAE Sync: " + "; ".join(problems))
+    return converted
+
+
+def load_authors_checkpoint(path_or_state_dict, **authors_kwargs) -> CAVMAESync:
+    """A `CAVMAESync` holding the authors' released weights (with or without the `module.` prefix).
+
+    `authors_kwargs` are the authors' constructor arguments (e.g. `num_heads`, which the weights cannot
+    reveal); sizes readable off the tensors are checked against them.
+    """
+    source = "state dict"
+    if isinstance(path_or_state_dict, (str, Path)):
+        source = str(path_or_state_dict)
+        path_or_state_dict = read_weights(path_or_state_dict)
+    state = strip_prefix(state_dict_of(path_or_state_dict, source))
+    model = CAVMAESync(**_authors_config(state, authors_kwargs))
+    model.load_state_dict(convert_authors_state_dict(state, model, source))
+    return model
+
+
+# ---------------------------------------------------------------------------------------- ImageNet MAE
+
+
+@dataclass
+class InitReport:
+    """What an initialization copied (`loaded`: avsync keys) and what it left alone, with why."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"initialized {len(self.loaded)} tensors; skipped {len(self.skipped)}: " + ", ".join(
+            f"{k} ({why})" for k, why in sorted(self.skipped.items())
+        )
+
+
+def _mae_targets(key: str, model: CAVMAESync) -> list[str]:
+    """The avsync keys one ImageNet MAE (or timm ViT) tensor initializes."""
+    encoder_depth = len(model.audio_encoder)
+    if match := re.fullmatch(rf"blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", key):
+        index, part, leaf = int(match.group(1)), match.group(2), match.group(3)
+        if index < encoder_depth:
+            return [f"audio_encoder.{index}.{part}.{leaf}", f"video_encoder.{index}.{part}.{leaf}"]
+        joint_index = index - encoder_depth
+        if joint_index >= len(model.joint.blocks):
+            return []
+        if part.startswith("norm"):
+            return [f"joint.blocks.{joint_index}.{part}.{s}.{leaf}" for s in ("joint", "audio", "video")]
+        return [f"joint.blocks.{joint_index}.{part}.{leaf}"]
+    if match := re.fullmatch(rf"(?:norm|fc_norm)\.{_LEAF}", key):
+        return [f"joint.{n}.{match.group(1)}" for n in ("norm", "norm_audio", "norm_video")]
+    if match := re.fullmatch(rf"patch_embed\.proj\.{_LEAF}", key):
+        return [f"video_tokenizer.patch_embed.proj.{match.group(1)}", f"audio_tokenizer.patch_embed.proj.{match.group(1)}"]
+    if match := re.fullmatch(rf"decoder_blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", key):
+        return [f"decoder.blocks.{match.group(1)}.{match.group(2)}.{match.group(3)}"]
+    renames = {"decoder_embed": "decoder.embed", "decoder_norm": "decoder.norm", "decoder_pred": "decoder.predict_video"}
+    if match := re.fullmatch(rf"(decoder_embed|decoder_norm|decoder_pred)\.{_LEAF}", key):
+        return [f"{renames[match.group(1)]}.{match.group(2)}"]
+    if key == "mask_token":
+        return ["decoder.mask_token"]
+    return []
+
+
+def init_from_mae(model: CAVMAESync, path_or_state_dict) -> InitReport:
+    """Initialize from an ImageNet MAE ViT (MAE or timm key names), as CAV-MAE does: blocks 0..d-1 into
+    both modality encoders, block d into the joint layer (its LayerNorms into all three sets), the
+    final norm into the three output norms, the MAE decoder (when present) into the decoder. The audio
+    patch convolution takes the sum of the RGB filters. Shapes must match; the report lists the rest.
+    """
+    source = "state dict"
+    if isinstance(path_or_state_dict, (str, Path)):
+        source = str(path_or_state_dict)
+        path_or_state_dict = read_weights(path_or_state_dict)
+    state = strip_prefix(state_dict_of(path_or_state_dict, source))
+    own = model.state_dict()
+    report = InitReport()
+    updates: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        targets = _mae_targets(key, model)
+        if not targets:
+            report.skipped[key] = "no counterpart in CAV-MAE Sync"
+            continue
+        for target in targets:
+            value = tensor
+            if target == "audio_tokenizer.patch_embed.proj.weight" and tensor.ndim == 4:
+                value = tensor.sum(dim=1, keepdim=True)
+            if target not in own:
+                report.skipped[key] = f"{target} not in this model"
+            elif value.shape != own[target].shape:
+                report.skipped[key] = f"shape {tuple(value.shape)} != {tuple(own[target].shape)} of {target}"
+            else:
+                updates[target] = value
+                report.loaded.append(target)
+    if not updates:
+        raise CheckpointError(f"{source}: nothing in it matches a ViT/MAE layout of this model's size")
+    model.load_state_dict(updates, strict=False)
+    for key in sorted(set(own) - set(updates)):
+        report.skipped.setdefault(key, "not in the MAE checkpoint; keeps its initialization")
+    log.info("MAE init from %s: %s", source, report.summary())
+    return report
