@@ -1,0 +1,5 @@
+"""One LightningModule per task, all around the same `CAVMAESync` backbone."""
+
+from avsync.tasks.pretrain import PretrainModule
+
+__all__ = ["PretrainModule"]

@@ -1,0 +1,177 @@
+"""Pretraining (paper §3, supplementary Table 9): the masked-reconstruction + contrastive objective."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+from einops import rearrange
+from torch.optim.lr_scheduler import LambdaLR
+
+from avsync.model import CAVMAESync
+from avsync.model.interop import init_from_mae
+from avsync.tasks.visualize import reconstruction_panels
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class PretrainModule(L.LightningModule):
+    """Trains a `CAVMAESync` backbone on batches of one aligned frame/window pair per clip.
+
+    Args:
+        backbone: the model to train (defaults to the paper's ViT-B).
+        lr, weight_decay, betas: Adam settings (supplementary Table 9).
+        optimizer: `adam` (the authors': L2 penalty through the gradient) or `adamw` (decoupled decay).
+        fused_optimizer: use the fused Adam kernel where the device supports it.
+        warmup_epochs: linear warm-up length, in epochs (fractions allowed), then cosine decay.
+        min_lr: learning rate at the end of the cosine.
+        init_from: ImageNet MAE / timm ViT checkpoint to initialize from (a local file).
+        log_images_every_n_steps: TensorBoard images of input, masked input and reconstruction (0: off).
+        compile: `torch.compile` the backbone.
+        backbone_config: constructor arguments of the backbone; filled in when a checkpoint is reloaded.
+    """
+
+    def __init__(
+        self,
+        backbone: CAVMAESync | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 5e-7,
+        betas: tuple[float, float] = (0.95, 0.999),
+        optimizer: Literal["adam", "adamw"] = "adam",
+        fused_optimizer: bool = False,
+        warmup_epochs: float = 2.5,
+        min_lr: float = 0.0,
+        init_from: str | None = None,
+        log_images_every_n_steps: int = 500,
+        compile: bool = False,
+        backbone_config: dict | None = None,
+    ):
+        super().__init__()
+        if backbone is None:
+            backbone = CAVMAESync(**(backbone_config or {}))
+        self.backbone = backbone
+        self.save_hyperparameters(ignore=["backbone"])
+        self.hparams["backbone_config"] = dict(backbone.config)
+        self._step_started: float | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        resuming = self.trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and self.hparams.init_from and not resuming:
+            report = init_from_mae(self.backbone, self.hparams.init_from)
+            log.info("init_from %s: %s", self.hparams.init_from, report.summary())
+            self.print(f"init_from {self.hparams.init_from}: {report.summary()}")
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.backbone.compile()
+            self._compiled = True
+
+    def configure_optimizers(self):
+        optimizer_class = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        options = {"fused": True} if self.hparams.fused_optimizer else {}
+        optimizer = optimizer_class(
+            [p for p in self.backbone.parameters() if p.requires_grad],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+            **options,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        steps_per_epoch = total / epochs if epochs else max(1, self.trainer.num_training_batches)
+        warmup = max(1, round(self.hparams.warmup_epochs * steps_per_epoch)) if self.hparams.warmup_epochs else 0
+        min_ratio = self.hparams.min_lr / self.hparams.lr
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.backbone.pretrain_loss(batch["audio"], batch["video"])
+        batch_size = batch["audio"].shape[0]
+        self._log_terms("train", out, batch_size, on_step=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=batch_size)
+        self._log_throughput(batch_size)
+        every = self.hparams.log_images_every_n_steps
+        if every and self.global_step % every == 0:
+            self._log_images(batch, out)
+        return out.loss
+
+    def _log_throughput(self, batch_size: int) -> None:
+        now = time.perf_counter()
+        if self._step_started is not None:
+            samples = batch_size * self.trainer.world_size
+            self.log("train/samples_per_s", samples / (now - self._step_started), on_step=True, batch_size=batch_size)
+        self._step_started = now
+
+    def on_train_epoch_start(self) -> None:
+        self._step_started = None
+
+    def _log_terms(self, split: str, out, batch_size: int, on_step: bool) -> None:
+        terms = {
+            "loss": out.loss,
+            "reconstruction_audio": out.reconstruction_audio,
+            "reconstruction_video": out.reconstruction_video,
+            "contrastive": out.contrastive,
+            "contrastive_accuracy": out.contrastive_accuracy,
+        }
+        for name, value in terms.items():
+            self.log(
+                f"{split}/{name}",
+                value,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name in ("loss", "contrastive_accuracy"),
+                batch_size=batch_size,
+                sync_dist=not on_step,
+            )
+
+    def _log_images(self, batch: dict, out) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image") or self.global_rank != 0:
+            return
+        panels = reconstruction_panels(self.backbone, batch["audio"][:1], batch["video"][:1], out)
+        for name, image in panels.items():
+            experiment.add_image(f"reconstruction/{name}", image, self.global_step)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        audio, video = batch["audio"], batch["video"]
+        generator = torch.Generator().manual_seed(batch_idx)
+        if video.ndim == 5:  # evaluation batches carry all T pairs of each clip
+            frame = torch.randint(video.shape[1], (video.shape[0],), generator=generator).to(video.device)
+            rows = torch.arange(video.shape[0], device=video.device)
+            pair_audio, pair_video = audio[rows, frame], video[rows, frame]
+        else:
+            pair_audio, pair_video = audio, video
+        noise = self.backbone.draw_noise(pair_audio.shape[0], torch.device("cpu"), generator)
+        out = self.backbone.pretrain_loss(pair_audio, pair_video, *(n.to(audio.device) for n in noise))
+        self._log_terms("val", out, pair_audio.shape[0], on_step=False)
+        if video.ndim == 5 and video.shape[0] > 1:
+            embeddings = self.backbone.encode(audio, video)
+            for direction, recall in in_batch_recall_at_1(embeddings.global_audio, embeddings.global_video).items():
+                self.log(f"val/{direction}_R1", recall, on_epoch=True, batch_size=video.shape[0], sync_dist=True)
+
+
+def in_batch_recall_at_1(audio: torch.Tensor, video: torch.Tensor) -> dict[str, torch.Tensor]:
+    """R@1 within a batch of clips `(B, T, D)`, diagonal-mean similarity (paper Eq. 5), both directions."""
+    audio = rearrange(torch.nn.functional.normalize(audio.float(), dim=-1), "b t d -> b (t d)")
+    video = rearrange(torch.nn.functional.normalize(video.float(), dim=-1), "b t d -> b (t d)")
+    similarity = video @ audio.T  # (queries = video, targets = audio), up to the constant 1/T
+    truth = torch.arange(similarity.shape[0], device=similarity.device)
+    return {
+        "video_to_audio": (similarity.argmax(dim=1) == truth).float().mean(),
+        "audio_to_video": (similarity.argmax(dim=0) == truth).float().mean(),
+    }
