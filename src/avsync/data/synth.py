@@ -1,0 +1,366 @@
+"""`avsync synth OUT --clips N --classes K`: a synthetic audio-visual set with exact ground truth.
+
+Each clip is a sequence of events; each event shows one class's object (colour, shape, texture, at a
+random place and size on a cluttered background) while that class's sound plays (pitch and timbre), so
+the audio-visual correspondence changes within the clip. Written as real H.264 + AAC mp4 files with the
+CSVs that `avsync prepare` reads, plus the per-frame ground truth that evaluation scores against:
+
+    OUT/videos/<clip>.mp4              10 fps, 128x128 H.264 (yuv420p) + 16 kHz mono AAC by default
+    OUT/labels.csv                     clip_id,labels   (labels: quoted, comma-separated mids)
+    OUT/classes.csv                    index,mid,display_name   (mids synth_0, synth_1, ...)
+    OUT/annotations/<clip>.json        events and the class at the 16 frame times (below)
+    OUT/masks/<clip>/f00.png..f15.png  the sounding object's pixels at those times (uint8, 255 = object)
+    OUT/splits/{train,test}.txt        clip ids; a `--holdout` fraction held out for evaluation
+    OUT/synth.json                     parameters, class designs, counts, clip list (written last)
+
+An annotation holds `events` (`start`, `end` in seconds, half-open, and the same as `start_frame`,
+`end_frame`; `class_index`, `mid`, the object's `box` x0,y0,x1,y1) and `frames` (`times`: SPEC §1's
+`i * D / 16`; `video_frames`: the frame on screen at each time; `class_indices`; `masks`: paths relative
+to OUT). Event boundaries lie on the frame grid, the sound switches on the same sample, and no boundary
+falls between the frame on screen at a frame time `t` and the first frame at or after `t`: both show the
+same object in the same place, so the ground truth holds for either reading of "the frame at t".
+
+The set depends only on its parameters (clip `i` on `(seed, i)`, however the work is split among
+workers); with the encoders single-threaded, even the mp4 bytes repeat on the same FFmpeg build. It is
+built in a staging folder that replaces OUT only when complete, and an OUT that already holds the same
+set is reused as it is ("cached").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from avsync.data.synth_classes import SynthClass, class_catalogue
+from avsync.data.synth_clip import ClipRecord, annotation_path, clip_id, mask_path, video_path, write_clip
+from avsync.data.synth_config import SYNTH_VERSION, SynthConfig, parse_fps
+
+MANIFEST_NAME = "synth.json"
+MANIFEST_FORMAT = "avsync-synth"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class SynthManifest:
+    """A complete synthetic set on disk: where it is, how it was made, what it holds."""
+
+    out_dir: Path
+    config: SynthConfig
+    classes: list[SynthClass]
+    clips: list[ClipRecord]
+    splits: dict[str, list[str]]
+    cached: bool = False
+    seconds: float = 0.0
+
+    def video(self, clip: str) -> Path:
+        return video_path(self.out_dir, clip)
+
+    def annotation(self, clip: str) -> dict[str, Any]:
+        return json.loads(annotation_path(self.out_dir, clip).read_text())
+
+    def to_json(self) -> dict[str, Any]:
+        split_of = {clip: split for split, ids in self.splits.items() for clip in ids}
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": SYNTH_VERSION,
+            "parameters": self.config.to_json(),
+            "classes": [c.to_json() for c in self.classes],
+            "counts": {
+                "clips": len(self.clips),
+                "classes": len(self.classes),
+                "events": sum(clip.num_events for clip in self.clips),
+                **{split: len(ids) for split, ids in self.splits.items()},
+            },
+            "clips": [
+                {
+                    "clip_id": clip.clip_id,
+                    "labels": [self.classes[k].mid for k in clip.class_indices],
+                    "num_events": clip.num_events,
+                    "split": split_of[clip.clip_id],
+                }
+                for clip in self.clips
+            ],
+        }
+
+
+def synthesize(
+    out_dir: str | Path,
+    clips: int,
+    classes: int,
+    seed: int = 0,
+    *,
+    duration: float = 10.0,
+    fps: float | str | Fraction = 10,
+    size: int = 128,
+    sample_rate: int = 16000,
+    holdout: float = 0.2,
+    events: tuple[int, int] = (2, 4),
+    min_event: float = 1.5,
+    video_noise: float = 4.0,
+    audio_snr_db: float = 30.0,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> SynthManifest:
+    """Write a synthetic set to `out_dir` (or reuse the one there if it has the same parameters).
+
+    `workers`: processes (default: the CPUs this process may use; 0 or 1 renders in this process).
+    `force`: regenerate even when `out_dir` already holds this set.
+    """
+    config = SynthConfig(
+        clips=clips,
+        classes=classes,
+        seed=seed,
+        duration=duration,
+        fps=parse_fps(fps),
+        size=size,
+        sample_rate=sample_rate,
+        holdout=holdout,
+        events=events,
+        min_event=min_event,
+        video_noise=video_noise,
+        audio_snr_db=audio_snr_db,
+    )
+    return synthesize_config(Path(out_dir), config, workers=workers, force=force, progress=progress)
+
+
+def synthesize_config(
+    out_dir: Path,
+    config: SynthConfig,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> SynthManifest:
+    """:func:`synthesize` for a ready-made :class:`SynthConfig`."""
+    started = time.perf_counter()
+    out_dir = out_dir.resolve()
+    if not force:
+        existing = _complete_set(out_dir)
+        if existing is not None and existing.config == config:
+            return dataclasses.replace(existing, cached=True, seconds=time.perf_counter() - started)
+    _check_replaceable(out_dir)
+
+    staging = out_dir.parent / f".{out_dir.name}.synth-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        records = _write_clips(staging, config, workers, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = SynthManifest(staging, config, class_catalogue(config.classes), records, _split(config))
+    _write_tables(manifest)
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    _replace(out_dir, staging)
+    return SynthManifest(
+        out_dir, config, manifest.classes, records, manifest.splits, seconds=time.perf_counter() - started
+    )
+
+
+def load_synth(out_dir: str | Path) -> SynthManifest:
+    """The complete set in `out_dir`; a clear error if there is none (missing, partial or foreign)."""
+    out_dir = Path(out_dir)
+    manifest = _complete_set(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{out_dir} holds no complete synthetic set (no valid {MANIFEST_NAME} or missing files)"
+        )
+    return manifest
+
+
+def _complete_set(out_dir: Path) -> SynthManifest | None:
+    """The set described by `out_dir/synth.json` if that file is ours and current and all its files exist."""
+    try:
+        stored = json.loads((out_dir / MANIFEST_NAME).read_text())
+        if stored.get("format") != MANIFEST_FORMAT or stored.get("version") != SYNTH_VERSION:
+            return None
+        config = SynthConfig.from_json(stored["parameters"])
+        classes = class_catalogue(config.classes)
+        index = {c.mid: c.index for c in classes}
+        clips = [
+            ClipRecord(c["clip_id"], tuple(index[mid] for mid in c["labels"]), c["num_events"])
+            for c in stored["clips"]
+        ]
+        splits = {split: [c["clip_id"] for c in stored["clips"] if c["split"] == split] for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    expected = [clip_id(config.seed, i) for i in range(config.clips)]
+    if [c.clip_id for c in clips] != expected:
+        return None
+    for clip in expected:
+        paths = [video_path(out_dir, clip), annotation_path(out_dir, clip)]
+        paths += [mask_path(out_dir, clip, i) for i in range(config.annotated_frames)]
+        if not all(path.is_file() for path in paths):
+            return None
+    return SynthManifest(out_dir, config, classes, clips, splits)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not a synthetic set: it may hold someone's data."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"{out_dir} is not empty and holds no {MANIFEST_NAME}, so it is not a synthetic set that may be "
+            "replaced; choose another path or empty it"
+        )
+
+
+def _write_clips(staging: Path, config: SynthConfig, workers: int | None, progress: bool) -> list[ClipRecord]:
+    workers = min(config.clips, _available_cpus() if workers is None else workers)
+    records: list[ClipRecord | None] = [None] * config.clips
+    if workers <= 1:
+        with _progress_bar(config.clips, progress) as bar:
+            for index in range(config.clips):
+                records[index] = write_clip(staging, config, index)
+                bar.update()
+        return records
+    # The pool starts its processes before the progress bar starts its monitor thread.
+    with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
+        futures = {pool.submit(write_clip, staging, config, i): i for i in range(config.clips)}
+        with _progress_bar(config.clips, progress) as bar:
+            for future in as_completed(futures):
+                records[futures[future]] = future.result()
+                bar.update()
+    return records
+
+
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """`fork` on Linux: workers start at once instead of re-importing the caller's `__main__` (with torch
+    and whatever else it loads) as `spawn` and `forkserver` do. They run only NumPy, Pillow and PyAV code.
+    Elsewhere (macOS, Windows) `spawn`, the only safe choice there."""
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+
+
+def _progress_bar(total: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc="synth", unit="clip", disable=not enabled, file=sys.stderr)
+
+
+def _split(config: SynthConfig) -> dict[str, list[str]]:
+    """A seeded random `holdout` fraction of the clips as `test` (at least one when asked and possible)."""
+    held = round(config.clips * config.holdout)
+    if config.holdout > 0 and config.clips > 1:
+        held = min(max(held, 1), config.clips - 1)
+    order = np.random.default_rng([config.seed, config.clips, 1]).permutation(config.clips)
+    test = set(order[:held].tolist())
+    ids = [clip_id(config.seed, i) for i in range(config.clips)]
+    return {
+        "train": [c for i, c in enumerate(ids) if i not in test],
+        "test": [c for i, c in enumerate(ids) if i in test],
+    }
+
+
+def _write_tables(manifest: SynthManifest) -> None:
+    """`classes.csv`, `labels.csv` (the formats `avsync prepare` reads) and the split lists."""
+    out = manifest.out_dir
+    rows = [f'{c.index},{c.mid},"{c.display_name}"' for c in manifest.classes]
+    (out / "classes.csv").write_text("\n".join(["index,mid,display_name", *rows]) + "\n")
+    rows = [
+        f'{clip.clip_id},"{",".join(manifest.classes[k].mid for k in clip.class_indices)}"'
+        for clip in manifest.clips
+    ]
+    (out / "labels.csv").write_text("\n".join(["clip_id,labels", *rows]) + "\n")
+    (out / "splits").mkdir()
+    for split, ids in manifest.splits.items():
+        (out / "splits" / f"{split}.txt").write_text("".join(f"{c}\n" for c in ids))
+
+
+def _replace(out_dir: Path, staging: Path) -> None:
+    """Swap the finished staging folder in for `out_dir` (which is empty, absent, or an older set)."""
+    if out_dir.is_dir():
+        retired = out_dir.parent / f".{out_dir.name}.synth-old"
+        shutil.rmtree(retired, ignore_errors=True)
+        out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(out_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avsync synth",
+        description="Write a synthetic audio-visual set: H.264 + AAC mp4s, labels, events and masks.",
+    )
+    add = parser.add_argument
+    add("out", type=Path, metavar="OUT", help="output folder (replaced if it holds another synthetic set)")
+    add("--clips", type=int, required=True, help="number of clips")
+    add("--classes", type=int, required=True, help="number of classes (1-32)")
+    add("--seed", type=int, default=0, help="same seed and parameters, same set (default: %(default)s)")
+    add("--duration", type=float, default=10.0, help="clip length in seconds (default: %(default)s)")
+    add("--fps", type=str, default="10", help="frame rate: 10, 12.5, 30000/1001... (default: %(default)s)")
+    add("--size", type=int, default=128, help="frame side in pixels, even (default: %(default)s)")
+    add("--sample-rate", type=int, default=16000, help="audio rate in Hz, an AAC rate (default: %(default)s)")
+    add(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="fraction of clips in splits/test.txt (default: %(default)s)",
+    )
+    add(
+        "--events",
+        type=int,
+        nargs=2,
+        default=[2, 4],
+        metavar=("MIN", "MAX"),
+        help="events per clip (default: 2 4)",
+    )
+    add("--min-event", type=float, default=1.5, help="shortest event in seconds (default: %(default)s)")
+    add("--workers", type=int, default=None, help="processes (default: every CPU this process may use)")
+    add("--force", action="store_true", help="regenerate even if OUT already holds this set")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = synthesize(
+            args.out,
+            args.clips,
+            args.classes,
+            args.seed,
+            duration=args.duration,
+            fps=args.fps,
+            size=args.size,
+            sample_rate=args.sample_rate,
+            holdout=args.holdout,
+            events=tuple(args.events),
+            min_event=args.min_event,
+            workers=args.workers,
+            force=args.force,
+            progress=True,
+        )
+    except (ValueError, FileExistsError) as error:
+        print(f"avsync synth: error: {error}", file=sys.stderr)
+        return 2
+    counts = f"{len(manifest.clips)} clips, {len(manifest.classes)} classes"
+    if manifest.cached:
+        print(f"cached: {manifest.out_dir} already holds this set ({counts}); --force regenerates")
+    else:
+        rate = len(manifest.clips) / manifest.seconds
+        print(f"wrote {counts} to {manifest.out_dir} in {manifest.seconds:.1f} s ({rate:.2f} clips/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
