@@ -18,6 +18,11 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOLS: dict[str, tuple[str, str]] = {
     "prepare": ("avsync.data.prepare:main", "raw videos or a CAV-MAE datafile -> WebDataset shards"),
     "synth": ("avsync.data.synth:main", "synthetic audio-visual clips with ground truth"),
+    "retrieve": ("avsync.tasks.retrieval:main", "zero-shot audio-visual retrieval (R@1/5/10, median rank)"),
+    "localize": ("avsync.tasks.localization:main", "sound-prompted segmentation heat maps and metrics"),
+    "segment": ("avsync.tasks.segmentation:main", "temporal segmentation of one video into audio-visual events"),
+    "embed": ("avsync.api:embed_main", "videos -> per-time-step embeddings (npz or parquet)"),
+    "export": ("avsync.api:export_main", "a checkpoint -> backbone weights + config as safetensors"),
     "demo": ("avsync.demo:main", "synthesize, prepare, pretrain and evaluate the tiny model on CPU"),
 }
 

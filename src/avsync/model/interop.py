@@ -205,13 +205,13 @@ def convert_authors_state_dict(
     return converted
 
 
-def load_authors_checkpoint(path_or_state_dict, **authors_kwargs) -> CAVMAESync:
+def load_authors_checkpoint(path_or_state_dict, *, source: str | None = None, **authors_kwargs) -> CAVMAESync:
     """A `CAVMAESync` holding the authors' released weights (with or without the `module.` prefix).
 
     `authors_kwargs` are the authors' constructor arguments (e.g. `num_heads`, which the weights cannot
-    reveal); sizes readable off the tensors are checked against them.
+    reveal); sizes readable off the tensors are checked against them. `source` names the data in errors.
     """
-    source = "state dict"
+    source = source or "state dict"
     if isinstance(path_or_state_dict, (str, Path)):
         source = str(path_or_state_dict)
         path_or_state_dict = read_weights(path_or_state_dict)
@@ -278,24 +278,25 @@ def init_from_mae(model: CAVMAESync, path_or_state_dict) -> InitReport:
     own = model.state_dict()
     report = InitReport()
     updates: dict[str, torch.Tensor] = {}
+    mismatched: list[str] = []
     for key, tensor in state.items():
-        targets = _mae_targets(key, model)
+        targets = [t for t in _mae_targets(key, model) if t in own]
         if not targets:
-            report.skipped[key] = "no counterpart in CAV-MAE Sync"
+            report.skipped[key] = "no counterpart in this model"
             continue
         for target in targets:
             value = tensor
             if target == "audio_tokenizer.patch_embed.proj.weight" and tensor.ndim == 4:
                 value = tensor.sum(dim=1, keepdim=True)
-            if target not in own:
-                report.skipped[key] = f"{target} not in this model"
-            elif value.shape != own[target].shape:
-                report.skipped[key] = f"shape {tuple(value.shape)} != {tuple(own[target].shape)} of {target}"
+            if value.shape != own[target].shape:
+                mismatched.append(f"{key} {tuple(value.shape)} -> {target} {tuple(own[target].shape)}")
             else:
                 updates[target] = value
                 report.loaded.append(target)
+    if mismatched:
+        raise CheckpointError(f"{source}: shapes do not match this model: " + "; ".join(mismatched))
     if not updates:
-        raise CheckpointError(f"{source}: nothing in it matches a ViT/MAE layout of this model's size")
+        raise CheckpointError(f"{source}: nothing in it matches a ViT/MAE layout")
     model.load_state_dict(updates, strict=False)
     for key in sorted(set(own) - set(updates)):
         report.skipped.setdefault(key, "not in the MAE checkpoint; keeps its initialization")

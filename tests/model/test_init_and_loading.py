@@ -1,0 +1,91 @@
+"""Initialization from ImageNet MAE ViTs, and refusing unsafe or unusable checkpoint files."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import Block
+
+from avsync.checkpoint_io import CheckpointError, read_weights
+from avsync.model import CAVMAESync
+from avsync.model.interop import init_from_mae
+
+SMALL = dict(
+    image_size=32, audio_length=32, mel_bins=32, embed_dim=32, num_heads=2, encoder_depth=2,
+    decoder_dim=16, decoder_depth=2, decoder_heads=2, num_registers=2,
+)  # fmt: skip
+
+
+def mae_checkpoint() -> dict[str, torch.Tensor]:
+    """An MAE-layout state dict made from real timm modules: a 3-block ViT plus an MAE decoder."""
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=3, num_heads=2)
+    state = dict(vit.state_dict())
+    decoder = torch.nn.ModuleList(Block(16, 2, qkv_bias=True) for _ in range(2))
+    state |= {f"decoder_blocks.{k}": v for k, v in decoder.state_dict().items()}
+    state |= {
+        "decoder_embed.weight": torch.randn(16, 32),
+        "decoder_embed.bias": torch.randn(16),
+        "mask_token": torch.randn(1, 1, 16),
+        "decoder_pos_embed": torch.randn(1, 5, 16),
+        "decoder_norm.weight": torch.randn(16),
+        "decoder_norm.bias": torch.randn(16),
+        "decoder_pred.weight": torch.randn(16 * 16 * 3, 16),
+        "decoder_pred.bias": torch.randn(16 * 16 * 3),
+    }
+    return {"model": state}
+
+
+def test_mae_blocks_go_to_both_encoders_then_the_joint_layer(tmp_path):
+    checkpoint = mae_checkpoint()
+    path = tmp_path / "mae.pth"
+    torch.save(checkpoint, path)
+    state = checkpoint["model"]
+    model = CAVMAESync(**SMALL)
+    report = init_from_mae(model, path)
+    own = model.state_dict()
+    for index in range(2):
+        for encoder in ("audio_encoder", "video_encoder"):
+            assert torch.equal(own[f"{encoder}.{index}.attn.qkv.weight"], state[f"blocks.{index}.attn.qkv.weight"])
+    assert torch.equal(own["joint.blocks.0.mlp.fc1.weight"], state["blocks.2.mlp.fc1.weight"])
+    for stream in ("joint", "audio", "video"):
+        assert torch.equal(own[f"joint.blocks.0.norm1.{stream}.weight"], state["blocks.2.norm1.weight"])
+    assert torch.equal(own["decoder.blocks.1.attn.proj.weight"], state["decoder_blocks.1.attn.proj.weight"])
+    assert torch.equal(own["decoder.predict_video.weight"], state["decoder_pred.weight"])
+    assert torch.equal(
+        own["audio_tokenizer.patch_embed.proj.weight"], state["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
+    )
+    assert "cls_token" in report.skipped and "head.weight" in report.skipped
+    assert "decoder.predict_audio.weight" in report.skipped  # no audio head in an image MAE
+    assert "global_tokens.audio" in report.skipped
+
+
+def test_mae_init_reports_shape_mismatches_instead_of_loading_them():
+    model = CAVMAESync(**{**SMALL, "embed_dim": 64})
+    with pytest.raises(CheckpointError, match=r"shapes do not match.*blocks.0.attn.qkv.weight"):
+        init_from_mae(model, mae_checkpoint())
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_pickle_with_a_code_payload_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"weights": torch.zeros(2), "payload": Payload()}, handle)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        read_weights(path)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_unreadable_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_weights(tmp_path / "absent.pt")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="garbage.safetensors"):
+        read_weights(garbage)
