@@ -1,0 +1,152 @@
+"""From one video file to what a shard stores for it: SPEC §1's frames as JPEG, the clip spectrogram,
+and metadata. Every way a file can fail becomes a `DecodeError` with a reason; nothing is padded in
+place of data that could not be read.
+
+Long inputs are refused rather than cut: `max_duration` (default 60 s) is checked from the container
+before anything is decoded, and again while audio decodes, so a 3-hour file costs one header read.
+Frames spread over hours would not make a training clip; cut such videos into clips first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from avsync.data.audio import MonoMode, Waveform, decode_audio
+from avsync.data.errors import DecodeError
+from avsync.data.fbank import FbankConfig, log_mel_fbank
+from avsync.data.images import encode_jpeg
+from avsync.data.media import MediaInfo, open_media, probe
+from avsync.data.video import sample_frames
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """Every parameter that decides a clip's stored content (`prepare` writes them to the manifest).
+
+    Args:
+        num_frames: frames per clip, frame `i` at `i * D / num_frames` (SPEC §1: 16).
+        short_side: stored frames are shrunk so their short side is at most this (never upscaled).
+        jpeg_quality: quality of the stored JPEG frames.
+        mono: how channels become one (`mean` or `first`, see `audio.py`).
+        min_duration / max_duration: accepted clip durations in seconds (video stream).
+        max_av_mismatch: largest accepted difference (s) between the audio and video durations; beyond
+            it the frame-to-window alignment, which spreads both over the same clip, would be wrong.
+        allow_silent: keep clips without an audio stream, with the spectrogram of digital silence over
+            the video's duration, flagged `silent` and `has_audio: false` (default: skip them).
+        fbank: spectrogram parameters.
+    """
+
+    num_frames: int = 16
+    short_side: int | None = 256
+    jpeg_quality: int = 90
+    mono: MonoMode = "mean"
+    min_duration: float = 2.0
+    max_duration: float = 60.0
+    max_av_mismatch: float = 1.0
+    allow_silent: bool = False
+    fbank: FbankConfig = field(default_factory=FbankConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
+        if self.short_side is not None and self.short_side < 1:
+            raise ValueError(f"short_side must be positive, got {self.short_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if not 0 < self.min_duration <= self.max_duration:
+            raise ValueError(
+                f"need 0 < min_duration <= max_duration, got {self.min_duration}, {self.max_duration}"
+            )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Clip:
+    """A decoded clip: JPEG frames, the `(S, mel)` float16 spectrogram, and JSON-ready metadata."""
+
+    frames: list[bytes]
+    fbank: np.ndarray
+    metadata: dict
+
+
+def frame_targets(duration: Fraction, num_frames: int) -> list[Fraction]:
+    """SPEC §1 frame times `i * D / T`, exactly."""
+    return [duration * i / num_frames for i in range(num_frames)]
+
+
+def check_duration(path: str | Path, duration: float, options: ExtractionOptions) -> None:
+    if duration < options.min_duration:
+        raise DecodeError(path, f"too short: {duration:.3f} s (minimum {options.min_duration:g} s)")
+    if duration > options.max_duration:
+        raise DecodeError(
+            path,
+            f"too long: {duration:.3f} s (maximum {options.max_duration:g} s; cut long videos into clips "
+            "or raise --max-duration)",
+        )
+
+
+def extract_video_clip(path: str | Path, options: ExtractionOptions = ExtractionOptions()) -> Clip:
+    """Decode `path` into a `Clip` (see the module docstring for what is refused)."""
+    with open_media(path) as container:
+        info = probe(container, path)
+        check_duration(path, float(info.duration), options)
+        if not info.has_audio and not options.allow_silent:
+            raise DecodeError(
+                path, "no audio stream (pass --allow-silent to keep such clips, flagged silent)"
+            )
+        frames = sample_frames(
+            container,
+            path,
+            frame_targets(info.duration, options.num_frames),
+            info.video_start,
+            options.short_side,
+        )
+    waveform = _clip_audio(path, info, options)
+    fbank = log_mel_fbank(waveform.samples, options.fbank)
+    height, width = frames.images[0].shape[:2]
+    metadata = {
+        "duration": float(info.duration),
+        "fps": info.fps,
+        "frame_times": frames.times,
+        "frame_time_source": "pts",
+        "width": info.width,
+        "height": info.height,
+        "frame_width": width,
+        "frame_height": height,
+        "video_start": float(info.video_start),
+        "audio_offset": float(info.audio_start - info.video_start) if info.has_audio else None,
+        "has_audio": info.has_audio,
+        "silent": not np.any(waveform.samples),
+        "sample_rate": waveform.source_sample_rate if info.has_audio else None,
+        "channels": waveform.source_channels if info.has_audio else None,
+        "audio_duration": waveform.duration,
+        "fbank_frames": int(fbank.shape[0]),
+    }
+    return Clip(
+        frames=[encode_jpeg(image, options.jpeg_quality) for image in frames.images],
+        fbank=fbank.numpy().astype(np.float16),
+        metadata=metadata,
+    )
+
+
+def _clip_audio(path: str | Path, info: MediaInfo, options: ExtractionOptions) -> Waveform:
+    rate = options.fbank.sample_rate
+    if not info.has_audio:
+        silence = np.zeros(round(float(info.duration) * rate), dtype=np.float32)
+        return Waveform(samples=silence, sample_rate=rate, source_sample_rate=0, source_channels=0)
+    with open_media(path) as container:
+        waveform = decode_audio(container, path, rate, options.mono, options.max_duration)
+    mismatch = abs(waveform.duration - float(info.duration))
+    if mismatch > options.max_av_mismatch:
+        raise DecodeError(
+            path,
+            f"audio ({waveform.duration:.3f} s) and video ({float(info.duration):.3f} s) durations differ by "
+            f"more than {options.max_av_mismatch:g} s (truncated stream?)",
+        )
+    return waveform

@@ -1,0 +1,176 @@
+"""Finding shards and streaming them with a webdataset pipeline, split across ranks and workers.
+
+Shard specifications (`resolve_shards`): a directory written by `avsync prepare` (its manifest lists
+the shards), a glob (`/data/as2m/shard-*.tar`), a brace pattern (`/data/as2m/shard-{000000..000099}.tar`,
+also remote URLs such as `pipe:aws s3 cp ... -`), a single file, or several of these joined by `::`.
+
+Splitting: ranks are given explicitly (the DataModule takes them from the Trainer), so the pipeline
+does not depend on environment variables or an initialized process group; DataLoader workers split
+with `webdataset.split_by_worker`.
+- Fixed mode: every shard is read once per epoch; rank `r` reads shards `r, r + W, ...`, worker `k`
+  of a rank every `num_workers`-th of those. Training shuffles the shard list first, with a seed and
+  the epoch number shared by all ranks (`webdataset.detshuffle`), so the split stays a partition.
+  Ranks may get different numbers of samples: use it on one device, or for evaluation.
+- Resampled mode (training on several devices): each worker draws shards with replacement from
+  its own seeded stream (seed, rank, worker, epoch) and the epoch is cut to a fixed number of
+  batches (`with_epoch`), identical on every rank, so DDP ranks never wait on each other.
+Per-epoch reshuffling relies on persistent DataLoader workers (the DataModule enables them), which
+keep the stages' epoch counters.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch.utils.data
+import webdataset as wds
+
+from avsync.data.samples import ClipDecoder, collate
+
+
+@dataclass
+class ShardSet:
+    """Shard URLs and, when a manifest was found beside them, that manifest and per-shard clip counts."""
+
+    urls: list[str]
+    manifest: dict | None = None
+    clips_per_shard: list[int] | None = None
+
+    @property
+    def num_clips(self) -> int | None:
+        return None if self.clips_per_shard is None else sum(self.clips_per_shard)
+
+
+def resolve_shards(spec: str) -> ShardSet:
+    """The shards a specification names (see the module docstring); raises if it names none."""
+    parts = [part for part in spec.split("::") if part]
+    sets = [_resolve_one(part) for part in parts]
+    if not sets:
+        raise FileNotFoundError(f"no shards in {spec!r}")
+    urls = [url for shard_set in sets for url in shard_set.urls]
+    counts = None
+    if all(s.clips_per_shard is not None for s in sets):
+        counts = [n for s in sets for n in s.clips_per_shard]
+    return ShardSet(urls=urls, manifest=sets[0].manifest, clips_per_shard=counts)
+
+
+def _resolve_one(spec: str) -> ShardSet:
+    path = Path(spec)
+    if path.name == "manifest.json" and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        manifest = _read_manifest(path)
+        if manifest is None:
+            urls = sorted(str(p) for p in path.glob("*.tar"))
+            if not urls:
+                raise FileNotFoundError(f"{path}: neither a manifest.json nor .tar shards")
+            return ShardSet(urls)
+        shards = manifest["shards"]
+        return ShardSet([str(path / s["name"]) for s in shards], manifest, [int(s["clips"]) for s in shards])
+    if "{" in spec:
+        urls = wds.shardlists.expand_urls(spec)
+    elif any(char in spec for char in "*?["):
+        urls = sorted(glob.glob(spec))
+    else:
+        urls = [spec]
+    if not urls or ("{" not in spec and not all(os.path.exists(u) or ":" in u for u in urls)):
+        raise FileNotFoundError(f"no shards at {spec!r}")
+    manifest = _read_manifest(Path(urls[0]).parent) if os.path.exists(urls[0]) else None
+    counts = None
+    if manifest is not None:
+        by_name = {s["name"]: int(s["clips"]) for s in manifest["shards"]}
+        if all(Path(u).name in by_name for u in urls):
+            counts = [by_name[Path(u).name] for u in urls]
+    return ShardSet(urls, manifest, counts)
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text(encoding="utf-8"))
+
+
+class SplitByRank:
+    """Pipeline stage: rank `r` of `W` keeps items `r, r + W, ...` (ranks passed in, not looked up)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, source: Iterable) -> Iterator:
+        return islice(source, self.rank, None, self.world_size)
+
+
+class RankWorkerSeed:
+    """`worker_seed` for `ResampledShards`: distinct for every (rank, DataLoader worker)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        return self.rank * 1000 + (info.id if info is not None else 0)
+
+
+def build_pipeline(
+    urls: list[str],
+    decoder: ClipDecoder,
+    *,
+    batch_size: int,
+    handler: Callable[[Exception], bool],
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = False,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    batches_per_worker: int | None = None,
+    partial: bool = True,
+    seed: int = 0,
+) -> wds.DataPipeline:
+    """A pipeline yielding collated batches (see the module docstring for the two modes).
+
+    `resampled` needs `batches_per_worker`; `shuffle` turns on shard-order and sample shuffling (the
+    buffer holds samples after `decoder.pick`, i.e. one JPEG and the spectrogram in train shape).
+    """
+    if resampled:
+        if batches_per_worker is None:
+            raise ValueError("resampled mode needs batches_per_worker (the fixed epoch length)")
+        stages: list = [
+            wds.ResampledShards(urls, seed=seed, worker_seed=RankWorkerSeed(rank), deterministic=True)
+        ]
+    else:
+        stages = [wds.SimpleShardList(urls)]
+        if shuffle:
+            stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed))
+        stages += [SplitByRank(rank, world_size), wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(handler=handler), wds.map(decoder.pick, handler=handler)]
+    if shuffle and shuffle_buffer > 1:
+        initial = min(shuffle_buffer, 100)
+        stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=initial, seed=seed + 1 + rank))
+    stages += [
+        wds.map(decoder, handler=handler),
+        wds.batched(batch_size, collation_fn=collate, partial=partial),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    if resampled:
+        pipeline = pipeline.with_epoch(nbatches=batches_per_worker)
+    return pipeline
+
+
+def fixed_mode_batches(
+    clips_per_shard: list[int], rank: int, world_size: int, num_workers: int, batch_size: int, partial: bool
+) -> int:
+    """Batches one rank yields in fixed mode with unshuffled shards (exact when nothing is skipped)."""
+    mine = clips_per_shard[rank::world_size]
+    workers = max(1, num_workers)
+    round_batches = math.ceil if partial else math.floor
+    return sum(round_batches(sum(mine[w::workers]) / batch_size) for w in range(workers))

@@ -1,0 +1,558 @@
+"""`avsync prepare`: videos (or a CAV-MAE datafile) to WebDataset shards, a manifest and a failures file.
+
+    avsync prepare INPUT... OUT [--labels CSV] [--classes CSV] [--workers N]
+                   [--shard-max-bytes 512MiB] [--shard-max-clips N] [--allow-silent] ...
+
+How a run is made reproducible and resumable:
+1. inputs are listed in a fixed order (sorted directory walk, list/datafile order), duplicates and
+   clips with unknown labels are dropped and reported, then the order is shuffled with a fixed seed
+   (so that shards mix classes and sources) unless `--keep-order`;
+2. clips are decoded by a process pool but consumed in that order, and packed into shards
+   sequentially, so shard contents do not depend on the number of workers or on timing;
+3. each finished shard is renamed into place and journaled with how far into the input list it
+   reaches; a rerun keeps those shards and continues after them (see `journal.py`);
+4. at the end `failures.jsonl` and `manifest.json` are written (atomically) and the journal removed.
+The output's layout is described in docs/shards.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from avsync import __version__
+from avsync.data.cavmae import extract_cavmae_clip
+from avsync.data.clip import ExtractionOptions, extract_video_clip
+from avsync.data.errors import DecodeError
+from avsync.data.journal import Journal, JournalEntry, JournalMismatch
+from avsync.data.labels import ClassList, LabelError, read_labels_csv
+from avsync.data.schema import SCHEMA_VERSION, encode_sample, stable_json
+from avsync.data.shard_writer import ShardRecord, ShardWriter
+from avsync.data.sources import ClipSource, InputError, discover
+
+MANIFEST_NAME = "manifest.json"
+FAILURES_NAME = "failures.jsonl"
+DEFAULT_SHARD_MAX_BYTES = 512 * 2**20
+_SHARD_FILE = re.compile(r"^shard-\d{6}\.tar(\.tmp)?$")
+
+log = logging.getLogger(__name__)
+
+
+class PrepareError(RuntimeError):
+    """A problem with the run as a whole (arguments, output directory), as opposed to one input."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One clip to decode, with its labels already resolved to class indices."""
+
+    source: ClipSource
+    labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+
+
+@dataclass
+class WorkResult:
+    sample: dict | None
+    failure: dict | None
+
+
+@dataclass
+class PrepareSummary:
+    output: Path
+    clips: int
+    failures: int
+    shards: list[ShardRecord]
+    resumed_shards: int
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    labels: str | Path | None = None,
+    classes: str | Path | None = None,
+    options: ExtractionOptions | None = None,
+    shard_max_bytes: int | None = DEFAULT_SHARD_MAX_BYTES,
+    shard_max_clips: int | None = None,
+    workers: int | None = None,
+    shuffle_seed: int | None = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Prepare `inputs` into shards under `output` (resuming a killed run there). See the module doc.
+
+    `shuffle_seed=None` keeps the input order. Raises `PrepareError` for problems with the run as a
+    whole; problems with single inputs end up in `failures.jsonl`.
+    """
+    if shard_max_bytes is None and shard_max_clips is None:
+        raise PrepareError("give a shard cap: shard_max_bytes and/or shard_max_clips")
+    options = options or ExtractionOptions()
+    output = Path(output)
+    try:
+        discovery = discover(list(inputs))
+        class_list, items, label_failures = _resolve_labels(discovery.sources, labels, classes)
+    except (InputError, LabelError, OSError) as error:
+        raise PrepareError(str(error)) from error
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(items)
+    listing_failures = discovery.duplicates + label_failures
+    fingerprint = _fingerprint(items, class_list, options, shard_max_bytes, shard_max_clips, shuffle_seed)
+
+    entries = _open_output(output, fingerprint, overwrite)
+    if entries is None:
+        log.info("%s is already prepared with these inputs and settings; nothing to do", output)
+        manifest = _read_json(output / MANIFEST_NAME)
+        shards = [ShardRecord(**shard) for shard in manifest["shards"]]
+        counts = manifest["counts"]
+        return PrepareSummary(output, counts["clips"], counts["failures"], shards, len(shards))
+    journal = Journal(output, fingerprint)
+    shards, failures = _pack(
+        items,
+        entries,
+        journal,
+        options,
+        shard_max_bytes,
+        shard_max_clips,
+        workers,
+        progress,
+        len(listing_failures),
+    )
+    all_failures = listing_failures + failures
+    _write_atomically(output / FAILURES_NAME, b"".join(stable_json(f) + b"\n" for f in all_failures))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "producer": f"avsync {__version__} prepare",
+        "fingerprint": fingerprint,
+        "counts": {
+            "inputs": len(discovery.sources) + len(discovery.duplicates),
+            "clips": sum(shard.clips for shard in shards),
+            "failures": len(all_failures),
+            "shards": len(shards),
+            "ignored_files": discovery.ignored_files,
+        },
+        "num_classes": len(class_list),
+        "classes": class_list.to_json(),
+        "preprocessing": _preprocessing(options),
+        "sharding": {
+            "max_bytes": shard_max_bytes,
+            "max_clips": shard_max_clips,
+            "order": "input order" if shuffle_seed is None else "shuffled",
+            "shuffle_seed": shuffle_seed,
+        },
+        "shards": [{"name": s.name, "clips": s.clips, "bytes": s.bytes, "sha256": s.sha256} for s in shards],
+    }
+    _write_atomically(output / MANIFEST_NAME, stable_json(manifest, indent=2) + b"\n")
+    journal.remove()
+    return PrepareSummary(output, manifest["counts"]["clips"], len(all_failures), shards, len(entries))
+
+
+def _pack(
+    items: list[WorkItem],
+    entries: list[JournalEntry],
+    journal: Journal,
+    options: ExtractionOptions,
+    max_bytes: int | None,
+    max_clips: int | None,
+    workers: int | None,
+    progress: bool,
+    failed_before: int,
+) -> tuple[list[ShardRecord], list[dict]]:
+    """Decode the items after the journaled `entries` and pack them into shards, in order.
+
+    A shard is closed when the next clip does not fit; its journal entry records the failures met
+    since the previous shard and where the next shard starts. Returns all shards and failures.
+    """
+    shards = [entry.shard for entry in entries]
+    failures = [failure for entry in entries for failure in entry.failures]
+    start = entries[-1].next_input if entries else 0
+    pending: list[dict] = []  # failures not yet journaled
+    writer: ShardWriter | None = None
+    bar = tqdm(
+        total=len(items), initial=start, unit="clip", desc="prepare", disable=not progress, dynamic_ncols=True
+    )
+    try:
+        for position, result in enumerate(_run(items[start:], options, workers or default_workers()), start):
+            bar.update(1)
+            if result.failure is not None:
+                pending.append(result.failure)
+                bar.set_postfix(failed=failed_before + len(failures) + len(pending), refresh=False)
+                continue
+            if writer is not None and not writer.fits(result.sample):
+                shards.append(_finish(writer, journal, position, pending, failures))
+                writer = None
+            if writer is None:
+                writer = ShardWriter(journal.path.parent, len(shards), max_bytes, max_clips)
+            writer.write(result.sample)
+        if writer is not None:
+            shards.append(_finish(writer, journal, len(items), pending, failures))
+            writer = None
+        failures += pending
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.abandon()
+    return shards, failures
+
+
+def process(item: WorkItem, options: ExtractionOptions) -> WorkResult:
+    """Decode one clip into its shard sample, or say why it cannot be (runs in a worker process)."""
+    source = item.source
+    try:
+        if source.kind == "cavmae":
+            clip = extract_cavmae_clip(source.clip_id, source.path, source.wav, options)
+        else:
+            clip = extract_video_clip(source.path, options)
+    except DecodeError as error:
+        where = "" if error.path == source.path else f"{error.path}: "
+        return WorkResult(None, _failure(source, where + error.reason))
+    except Exception as error:  # an ffmpeg or library surprise on odd data: report it, keep going
+        return WorkResult(None, _failure(source, f"unexpected {type(error).__name__}: {error}"))
+    metadata = {
+        "schema_version": SCHEMA_VERSION,
+        "id": source.clip_id,
+        "key": source.key,
+        "source": source.path if source.kind == "video" else {"video_path": source.path, "wav": source.wav},
+        "num_frames": options.num_frames,
+        "labels": list(item.labels),
+        "label_names": list(item.label_names),
+        **clip.metadata,
+    }
+    return WorkResult(encode_sample(source.key, clip.frames, clip.fbank, metadata), None)
+
+
+def _failure(source: ClipSource, reason: str) -> dict:
+    return {"path": source.path, "clip_id": source.clip_id, "reason": reason}
+
+
+def _resolve_labels(
+    sources: list[ClipSource], labels_csv: str | Path | None, classes_csv: str | Path | None
+) -> tuple[ClassList, list[WorkItem], list[dict]]:
+    by_clip: dict[str, list[str]] = {}
+    if labels_csv is not None:
+        by_clip, problems = read_labels_csv(labels_csv)
+        for problem in problems:
+            log.warning(problem)
+    tokens_of = {
+        s.clip_id: by_clip[s.clip_id] if s.clip_id in by_clip else list(s.labels or ()) for s in sources
+    }
+    if classes_csv is not None:
+        class_list = ClassList.from_csv(classes_csv)
+    else:
+        class_list = ClassList.from_labels(token for tokens in tokens_of.values() for token in tokens)
+    items, failures = [], []
+    for source in sources:
+        try:
+            indices = sorted({class_list.resolve(token) for token in tokens_of[source.clip_id]})
+        except LabelError as error:
+            failures.append(_failure(source, str(error)))
+            continue
+        names = tuple(class_list.classes[i].name for i in indices)
+        items.append(WorkItem(source, tuple(indices), names))
+    unlabeled = sum(1 for item in items if not item.labels)
+    if labels_csv is not None and unlabeled:
+        log.warning("%d clip(s) have no entry in %s and are kept without labels", unlabeled, labels_csv)
+    return class_list, items, failures
+
+
+def _fingerprint(
+    items: list[WorkItem],
+    class_list: ClassList,
+    options: ExtractionOptions,
+    shard_max_bytes: int | None,
+    shard_max_clips: int | None,
+    shuffle_seed: int | None,
+) -> str:
+    """Identifies everything that decides the output bytes (not the worker count)."""
+    description = {
+        "schema_version": SCHEMA_VERSION,
+        "options": options.as_dict(),
+        "classes": class_list.to_json(),
+        "shard_max_bytes": shard_max_bytes,
+        "shard_max_clips": shard_max_clips,
+        "shuffle_seed": shuffle_seed,
+        "items": [
+            [i.source.key, i.source.clip_id, i.source.kind, i.source.path, i.source.wav, list(i.labels)]
+            for i in items
+        ],
+    }
+    return hashlib.sha256(stable_json(description)).hexdigest()
+
+
+def _open_output(output: Path, fingerprint: str, overwrite: bool) -> list[JournalEntry] | None:
+    """Make `output` ready: entries to resume from ([] for a fresh run), or None if already complete."""
+    output.mkdir(parents=True, exist_ok=True)
+    journal = Journal(output, fingerprint)
+    if overwrite:
+        _clear(output, journal)
+    manifest = output / MANIFEST_NAME
+    if manifest.exists() and not journal.exists():
+        if _read_json(manifest).get("fingerprint") == fingerprint:
+            return None
+        raise PrepareError(
+            f"{output} holds shards of other inputs or settings; use a new directory or --overwrite"
+        )
+    if journal.exists():
+        try:
+            entries = journal.load()
+        except JournalMismatch as error:
+            raise PrepareError(str(error)) from error
+    else:
+        if any(_SHARD_FILE.match(p.name) for p in output.iterdir()):
+            raise PrepareError(
+                f"{output} holds shard files of an unknown run; use a new directory or --overwrite"
+            )
+        entries = []
+    kept = {entry.shard.name for entry in entries}
+    for path in output.iterdir():  # shards past the journal (or half written) are written again
+        if _SHARD_FILE.match(path.name) and path.name not in kept:
+            path.unlink()
+    journal.start(entries)
+    if entries:
+        log.info("resuming %s after %d finished shard(s)", output, len(entries))
+    return entries
+
+
+def _clear(output: Path, journal: Journal) -> None:
+    for path in output.iterdir():
+        if _SHARD_FILE.match(path.name) or path.name in (MANIFEST_NAME, FAILURES_NAME):
+            path.unlink()
+    journal.remove()
+
+
+def _finish(
+    writer: ShardWriter, journal: Journal, next_input: int, pending: list[dict], failures: list[dict]
+) -> ShardRecord:
+    record = writer.finish()
+    journal.append(JournalEntry(record, next_input, list(pending)))
+    failures += pending
+    pending.clear()
+    return record
+
+
+def _run(items: list[WorkItem], options: ExtractionOptions, workers: int) -> Iterator[WorkResult]:
+    """Results in input order. One worker: in this process. More: a spawn pool with bounded look-ahead;
+    if a decoder crashes its process, the pool is rebuilt and the input that crashed it is reported."""
+    _quiet_ffmpeg()
+    if workers <= 1:
+        for item in items:
+            yield process(item, options)
+        return
+    queue = deque(items)
+    in_flight: deque = deque()
+    pool = _new_pool(workers)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < 4 * workers:
+                item = queue.popleft()
+                in_flight.append((item, pool.submit(process, item, options)))
+            item, future = in_flight.popleft()
+            try:
+                yield future.result()
+                continue
+            except BrokenProcessPool:
+                pass
+            queue.extendleft(reversed([waiting for waiting, _ in in_flight]))
+            in_flight.clear()
+            pool.shutdown(cancel_futures=True)
+            pool = _new_pool(workers)
+            try:  # alone in a fresh pool: did this input crash the decoder?
+                yield pool.submit(process, item, options).result()
+            except BrokenProcessPool:
+                pool.shutdown(cancel_futures=True)
+                pool = _new_pool(workers)
+                yield WorkResult(None, _failure(item.source, "the decoder crashed (its worker process died)"))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from the pool
+    _quiet_ffmpeg()
+
+
+def _quiet_ffmpeg() -> None:
+    """Keep ffmpeg's last error for exception messages without printing its log over the progress bar."""
+    import av.logging
+
+    av.logging.set_level(av.logging.ERROR)
+    libav = logging.getLogger("libav")
+    libav.propagate = False
+    if not libav.handlers:
+        libav.addHandler(logging.NullHandler())
+
+
+def _preprocessing(options: ExtractionOptions) -> dict:
+    return {
+        **options.as_dict(),
+        "frame_rule": "frame i: first frame shown at or after i * D / num_frames (D: video stream duration)",
+        "frame_resize": "PIL bicubic to short side <= short_side, never upscaled",
+        "frame_format": "JPEG",
+        "audio": "PyAV decode, libswresample to fbank.sample_rate per channel, then mono; DC removed",
+        "fbank_dtype": "float16",
+        "fbank_extent": "whole clip, unpadded (cut/pad at read time)",
+    }
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def parse_size(text: str) -> int:
+    """`"512MiB"`, `"1GB"`, `"200M"`, `"1e9"` -> bytes (KiB/MiB/GiB binary; K/KB/M/MB/G/GB decimal)."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 1GB, 200000000)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ExtractionOptions()
+    parser = argparse.ArgumentParser(
+        prog="avsync prepare",
+        description="Decode videos (or convert a CAV-MAE datafile) into WebDataset shards for avsync "
+        "(layout: docs/shards.md). Rerunning the same command resumes a killed run.",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="a directory of videos (searched recursively), a file listing video paths, "
+        "or a CAV-MAE datafile (.json)",
+    )
+    parser.add_argument("output", metavar="OUT", help="output directory")
+    parser.add_argument(
+        "--labels", help="CSV of clip_id,labels (labels: mids, names or indices, comma-separated)"
+    )
+    parser.add_argument("--classes", help="class index CSV: index,mid,display_name")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="decoding processes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shard-max-bytes",
+        type=parse_size,
+        default=DEFAULT_SHARD_MAX_BYTES,
+        help="shard size cap (default 512MiB)",
+    )
+    parser.add_argument(
+        "--shard-max-clips", type=int, default=None, help="clips per shard cap (default: none)"
+    )
+    parser.add_argument(
+        "--num-frames", type=int, default=defaults.num_frames, help="frames per clip (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=defaults.short_side,
+        help="max short side of stored frames (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=defaults.jpeg_quality, help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--mono",
+        choices=["mean", "first"],
+        default=defaults.mono,
+        help="channel mixdown (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-duration", type=float, default=defaults.min_duration, help="seconds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-duration", type=float, default=defaults.max_duration, help="seconds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-av-mismatch",
+        type=float,
+        default=defaults.max_av_mismatch,
+        help="max audio/video duration difference, s (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-silent", action="store_true", help="keep clips without audio, flagged silent"
+    )
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument(
+        "--shuffle-seed", type=int, default=0, help="seed of the fixed clip order shuffle (default: 0)"
+    )
+    order.add_argument("--keep-order", action="store_true", help="keep the input order instead of shuffling")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete this directory's previous shards first"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = replace(
+        ExtractionOptions(),
+        num_frames=args.num_frames,
+        short_side=args.short_side,
+        jpeg_quality=args.jpeg_quality,
+        mono=args.mono,
+        min_duration=args.min_duration,
+        max_duration=args.max_duration,
+        max_av_mismatch=args.max_av_mismatch,
+        allow_silent=args.allow_silent,
+    )
+    try:
+        summary = prepare(
+            args.inputs,
+            args.output,
+            labels=args.labels,
+            classes=args.classes,
+            options=options,
+            shard_max_bytes=args.shard_max_bytes,
+            shard_max_clips=args.shard_max_clips,
+            workers=args.workers,
+            shuffle_seed=None if args.keep_order else args.shuffle_seed,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except PrepareError as error:
+        print(f"avsync prepare: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary.clips} clip(s) in {len(summary.shards)} shard(s) at {summary.output}; "
+        f"{summary.failures} input(s) skipped (see {summary.output / FAILURES_NAME})",
+        file=sys.stderr,
+    )
+    return 0 if summary.clips else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""From a raw shard sample (member name -> bytes) to a model example, decoding only what is used.
+
+Two shapes (the batch contract of `AVShardDataModule`):
+- `train`: one frame `i` of `T` and its aligned window: `video (3, H, W)`, `audio (L, mel)`,
+  `frame_index ()`. Only that frame's JPEG is decoded. On the train split `i` is drawn at random
+  (torch's RNG, seeded per DataLoader worker); on other splits it is the middle frame `T // 2`.
+- `eval`: all `T` frames and windows: `video (T, 3, H, W)`, `audio (T, L, mel)`, `frame_index (T,)`.
+Both carry `label` (multi-hot float `(C,)` or an int64 class index) and `key` (the clip id).
+
+Shards may hold more frames than `T` (e.g. 16 stored, `T = 8`): frame `i` of `T` is stored frame
+`i * stored / T`, which lies at the same time `i * D / T`; `stored` must be a multiple of `T`.
+JPEGs are opened with PIL's `draft`, which lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the
+result still has a short side of at least `image_size` (free downscaling for small models).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from avsync.data.schema import FBANK_FIELD, METADATA_FIELD, decode_npy, frame_field
+from avsync.data.transforms import AudioAugmentation, AudioWindows, frames_to_tensor
+
+SampleShape = Literal["train", "eval"]
+LabelFormat = Literal["multi_hot", "index"]
+
+
+class ClipDecoder:
+    """Callable turning one raw sample into an example dict; raises on anything malformed (the
+    pipeline's handler then skips and counts the sample)."""
+
+    def __init__(
+        self,
+        shape: SampleShape,
+        num_frames: int,
+        image_size: int,
+        image_transform,
+        audio_windows: AudioWindows,
+        audio_augmentation: AudioAugmentation | None = None,
+        random_frame: bool = False,
+        label_format: LabelFormat = "multi_hot",
+        num_classes: int = 0,
+    ) -> None:
+        if shape not in ("train", "eval"):
+            raise ValueError(f"shape must be 'train' or 'eval', got {shape!r}")
+        if label_format not in ("multi_hot", "index"):
+            raise ValueError(f"label_format must be 'multi_hot' or 'index', got {label_format!r}")
+        self.shape, self.num_frames, self.image_size = shape, num_frames, image_size
+        self.image_transform, self.audio_windows = image_transform, audio_windows
+        self.audio_augmentation = (
+            audio_augmentation if audio_augmentation and audio_augmentation.active else None
+        )
+        self.random_frame, self.label_format, self.num_classes = random_frame, label_format, num_classes
+
+    def pick(self, sample: dict) -> dict:
+        """Keep only what the example needs: the parsed metadata, the spectrogram and the chosen frame
+        JPEG(s). Run before a shuffle buffer, this keeps the buffer small (one JPEG instead of 16)."""
+        if "__metadata__" in sample:
+            return sample
+        with _naming(sample):
+            return self._pick(sample)
+
+    def _pick(self, sample: dict) -> dict:
+        metadata = json.loads(sample[METADATA_FIELD])
+        stride = self._stride(metadata)
+        if self.shape == "train":
+            indices = [int(torch.randint(self.num_frames, ())) if self.random_frame else self.num_frames // 2]
+        else:
+            indices = list(range(self.num_frames))
+        return {
+            "__key__": sample.get("__key__"),
+            "__url__": sample.get("__url__"),
+            "__metadata__": metadata,
+            "__frame_indices__": indices,
+            "__jpegs__": [sample[frame_field(i * stride)] for i in indices],
+            FBANK_FIELD: sample[FBANK_FIELD],
+        }
+
+    def __call__(self, sample: dict) -> dict:
+        sample = self.pick(sample)
+        with _naming(sample):
+            return self._example(sample)
+
+    def _example(self, sample: dict) -> dict:
+        metadata = sample["__metadata__"]
+        fbank = torch.from_numpy(decode_npy(sample[FBANK_FIELD])).float()
+        video = frames_to_tensor([self._image(jpeg) for jpeg in sample["__jpegs__"]])
+        if self.shape == "train":
+            (index,) = sample["__frame_indices__"]
+            video, audio = video[0], self.audio_windows.window(fbank, index)
+            frame_index = torch.tensor(index)
+        else:
+            audio = self.audio_windows.windows(fbank)
+            frame_index = torch.tensor(sample["__frame_indices__"])
+        if self.audio_augmentation is not None:
+            audio = self.audio_augmentation(audio)
+        return {
+            "audio": audio,
+            "video": video,
+            "label": self._label(metadata),
+            "key": metadata["id"],
+            "frame_index": frame_index,
+        }
+
+    def _stride(self, metadata: dict) -> int:
+        stored = int(metadata["num_frames"])
+        if stored % self.num_frames:
+            raise ValueError(
+                f"clip {metadata.get('id')!r} stores {stored} frames, not a multiple of {self.num_frames}"
+            )
+        return stored // self.num_frames
+
+    def _image(self, jpeg: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(jpeg))
+        image.draft("RGB", (self.image_size, self.image_size))
+        return self.image_transform(image if image.mode == "RGB" else image.convert("RGB"))
+
+    def _label(self, metadata: dict) -> torch.Tensor:
+        labels = [int(i) for i in metadata.get("labels", [])]
+        if any(not 0 <= i < self.num_classes for i in labels):
+            raise ValueError(f"clip {metadata['id']!r} has labels {labels} outside 0..{self.num_classes - 1}")
+        if self.label_format == "index":
+            if len(labels) != 1:
+                raise ValueError(
+                    f"clip {metadata['id']!r} has {len(labels)} labels; label_format='index' needs one"
+                )
+            return torch.tensor(labels[0], dtype=torch.int64)
+        target = torch.zeros(self.num_classes, dtype=torch.float32)
+        target[labels] = 1.0
+        return target
+
+
+class SampleError(ValueError):
+    """A shard sample that cannot be decoded; the message names its key and shard."""
+
+
+@contextmanager
+def _naming(sample: dict) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+        raise SampleError(f"{where}: {type(error).__name__}: {error}") from error
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack a list of examples into the batch dict (`key` stays a list of strings)."""
+    return {
+        "audio": torch.stack([e["audio"] for e in examples]),
+        "video": torch.stack([e["video"] for e in examples]),
+        "label": torch.stack([e["label"] for e in examples]),
+        "key": [e["key"] for e in examples],
+        "frame_index": torch.stack([e["frame_index"] for e in examples]),
+    }
