@@ -1,0 +1,407 @@
+"""What sound-prompted segmentation is scored on: prompts (an image, a sound, a mask, a class), read from a
+CSV manifest or from a synthetic set, decoded into model inputs.
+
+Three kinds of source, one per dataset item:
+- `ImagePrompt`: an image prompted with a separate sound (ADE20K-Sound style). The sound is any file
+  PyAV decodes; the window of `audio_length` spectrogram frames is centred on the middle of the sound,
+  or starts at `audio_start` seconds. Frames of the window outside the sound hold the dataset mean (0
+  after normalization), as the edge windows of training clips do.
+- `FramePrompt`: the frame of a video at `frame_time`, prompted with the video's own sound around that
+  time (the window centred on the same moment, SPEC §1's `clip` alignment).
+- `ClipPrompts`: all 16 SPEC frames of a clip, each with its aligned window (the synthetic sets): the
+  clip is decoded once, through the same path as `avsync prepare` (JPEG frames included).
+
+Geometry: images go through the evaluation transform (short side to `image_size`, bicubic, centre crop);
+masks go through the same crop geometry from their own size (`crop_mask`), so heat maps and masks meet
+on the `image_size x image_size` model input. A video mask must have the video's size (frames may be
+stored shrunk; the crop box is the same up to sub-pixel rounding).
+
+Errors never stop a run: a source that cannot be read becomes a `Rejection` (which source, why) that
+travels in the batch, and the rest is scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from avsync.data.alignment import AlignmentMode, aligned_windows
+from avsync.data.audio import decode_audio
+from avsync.data.clip import ExtractionOptions, check_duration, extract_video_clip
+from avsync.data.errors import DecodeError
+from avsync.data.fbank import log_mel_fbank
+from avsync.data.media import open_media, probe
+from avsync.data.transforms import AUDIO_MEAN, AUDIO_STD, CenterFrame, frames_to_tensor
+from avsync.data.video import sample_frames
+
+#: Longest prompt sound decoded (s); longer files are refused rather than read into memory whole.
+MAX_AUDIO_SECONDS = 600.0
+
+
+class Rejection(NamedTuple):
+    """A source that was not scored: `source` names it (file or row), `reason` says why."""
+
+    source: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"source": self.source, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    key: str
+    image: Path
+    mask: Path
+    audio: Path
+    class_index: int
+    audio_start: float | None = None
+
+
+@dataclass(frozen=True)
+class FramePrompt:
+    key: str
+    video: Path
+    frame_time: float
+    mask: Path
+    class_index: int
+
+
+@dataclass(frozen=True)
+class ClipPrompts:
+    key: str
+    video: Path
+    masks: tuple[Path, ...]
+    class_indices: tuple[int, ...]
+
+
+Source = ImagePrompt | FramePrompt | ClipPrompts
+
+
+@dataclass
+class PromptSet:
+    """Sources to score, the class names their indices refer to, and rows refused while reading."""
+
+    sources: list[Source]
+    class_names: list[str]
+    rejected: list[Rejection]
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+def read_manifest(
+    path: str | Path, classes: Sequence[str] | None = None, audio_start: float | None = None
+) -> PromptSet:
+    """Read a CSV manifest: columns `mask`, `class`, and per row either `image` + `audio` (optional
+    `audio_start`, seconds; default `audio_start`) or `video` + `frame_time` (seconds). Paths are relative
+    to the CSV's folder. `classes`: the known class names (rows naming another class are refused);
+    default: the classes the manifest names, sorted. Raises `ValueError` for a manifest without the
+    needed columns; refuses (and records) single bad rows."""
+    path = Path(path)
+    root = path.parent
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+            columns = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot read the manifest: {error}") from error
+    if not rows:
+        raise ValueError(f"{path}: the manifest has no rows")
+    missing = {"mask", "class"} - columns
+    if missing or not ({"image", "audio"} <= columns or {"video", "frame_time"} <= columns):
+        raise ValueError(
+            f"{path}: a manifest needs the columns mask, class and either image + audio or "
+            f"video + frame_time; it has {sorted(columns)}"
+        )
+    names = (
+        list(classes)
+        if classes is not None
+        else sorted({(row.get("class") or "").strip() for row in rows} - {""})
+    )
+    index_of = {name: i for i, name in enumerate(names)}
+    sources: list[Source] = []
+    rejected: list[Rejection] = []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{path.name} line {number}"
+        try:
+            sources.append(_manifest_row(row, root, where, index_of, audio_start))
+        except ValueError as error:
+            rejected.append(Rejection(where, str(error)))
+    return PromptSet(sources, names, rejected)
+
+
+def _manifest_row(
+    row: dict, root: Path, where: str, index_of: dict[str, int], audio_start: float | None
+) -> Source:
+    def value(column: str) -> str:
+        return (row.get(column) or "").strip()
+
+    def existing(column: str) -> Path:
+        if not value(column):
+            raise ValueError(f"empty {column} column")
+        file = root / value(column)
+        if not file.is_file():
+            raise ValueError(f"{column} file {file} does not exist")
+        return file
+
+    name = value("class")
+    if not name:
+        raise ValueError("empty class column")
+    if name not in index_of:
+        raise ValueError(f"unknown class {name!r}")
+    mask = existing("mask")
+    if value("video"):
+        try:
+            frame_time = float(value("frame_time"))
+        except ValueError as error:
+            raise ValueError(f"frame_time {value('frame_time')!r} is not a number of seconds") from error
+        if frame_time < 0:
+            raise ValueError(f"frame_time {frame_time} is negative")
+        return FramePrompt(where, existing("video"), frame_time, mask, index_of[name])
+    start = audio_start
+    if value("audio_start"):
+        try:
+            start = float(value("audio_start"))
+        except ValueError as error:
+            raise ValueError(f"audio_start {value('audio_start')!r} is not a number of seconds") from error
+    return ImagePrompt(where, existing("image"), mask, existing("audio"), index_of[name], start)
+
+
+def synth_prompt_set(synth_dir: str | Path, split: str | None = "test") -> PromptSet:
+    """Every clip of a synthetic set (`avsync synth`), or of one split: its 16 frames, each prompted with
+    its aligned window and scored against the synth mask; the class is the event's at that frame."""
+    from avsync.data.synth import SPLITS, load_synth
+
+    manifest = load_synth(synth_dir)
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS} or all")
+    clips = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]
+    sources: list[Source] = []
+    for clip in clips:
+        frames = manifest.annotation(clip)["frames"]
+        sources.append(
+            ClipPrompts(
+                clip,
+                manifest.video(clip),
+                tuple(manifest.out_dir / mask for mask in frames["masks"]),
+                tuple(int(k) for k in frames["class_indices"]),
+            )
+        )
+    return PromptSet(sources, [c.mid for c in manifest.classes], [])
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def crop_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """A boolean mask `(H, W)` on the model input `(image_size, image_size)`: the very `CenterFrame`
+    geometry of the image (one bicubic resampling of the crop box), applied to the 0/255 mask and
+    thresholded at half, so mask and image cannot drift apart by a rounding convention."""
+    picture = Image.fromarray(mask.astype(np.uint8) * 255)
+    return torch.from_numpy(np.asarray(CenterFrame(image_size)(picture)) >= 128)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask image as booleans `(H, W)`: nonzero = object (palette index, grey level, or any RGB channel)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA"):
+                image = image.convert(image.mode[:-1])
+            pixels = np.asarray(image)
+    except (OSError, UnidentifiedImageError) as error:
+        raise DecodeError(path, f"not a readable mask image: {error}") from error
+    return pixels.any(axis=-1) if pixels.ndim == 3 else pixels != 0
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise DecodeError(path, f"not a readable image: {error}") from error
+
+
+def centred_window(fbank: torch.Tensor, centre: int, length: int, pad_value: float) -> torch.Tensor:
+    """`(length, mel)` frames of `fbank` centred on frame `centre`; outside the sound: `pad_value`."""
+    start = centre - length // 2
+    before, after = max(0, -start), max(0, start + length - fbank.shape[0])
+    window = fbank[max(0, start) : min(start + length, fbank.shape[0])]
+    return F.pad(window, (0, 0, before, after), value=pad_value) if before or after else window
+
+
+class PromptDataset(Dataset):
+    """Sources -> dicts `audio (n, L, mel)`, `video (n, 3, S, S)`, `mask (n, S, S)` bool,
+    `class_index (n,)`, `key` (n names); or `{"rejection": Rejection}` when the source cannot be read.
+
+    Args:
+        sources: what to decode (see the module docstring).
+        image_size: the model's frame side `S`; audio_length: its window length `L`.
+        alignment: frame-to-window alignment of `ClipPrompts` (SPEC §1).
+        options: decoding options of videos (frames, durations, spectrogram; default: `avsync prepare`'s).
+        mean, std: spectrogram normalization.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        image_size: int,
+        audio_length: int,
+        alignment: AlignmentMode = "clip",
+        options: ExtractionOptions | None = None,
+        mean: float = AUDIO_MEAN,
+        std: float = AUDIO_STD,
+    ) -> None:
+        self.sources = list(sources)
+        self.image_size, self.audio_length = image_size, audio_length
+        self.alignment, self.options = alignment, options or ExtractionOptions()
+        self.mean, self.std = mean, std
+        self.image_geometry = CenterFrame(image_size)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.sources[index]
+        try:
+            if isinstance(source, ImagePrompt):
+                return self._image_prompt(source)
+            if isinstance(source, FramePrompt):
+                return self._frame_prompt(source)
+            return self._clip_prompts(source)
+        except (DecodeError, ValueError) as error:  # a DecodeError's message starts with its file
+            return {"rejection": Rejection(source.key, str(error))}
+
+    # -- one kind of source each
+    def _image_prompt(self, source: ImagePrompt) -> dict:
+        image, mask = read_image(source.image), read_mask(source.mask)
+        if mask.shape != (image.height, image.width):
+            raise ValueError(
+                f"mask {source.mask.name} is {mask.shape[1]}x{mask.shape[0]}, image {source.image.name} is "
+                f"{image.width}x{image.height}"
+            )
+        fbank = self._sound(source.audio)
+        rate = 1000.0 / self.options.fbank.frame_shift_ms
+        if source.audio_start is None:
+            centre = fbank.shape[0] // 2
+        else:
+            start = round(source.audio_start * rate)
+            if start >= fbank.shape[0]:
+                raise ValueError(
+                    f"audio_start {source.audio_start} s is past the end of {source.audio.name} "
+                    f"({fbank.shape[0] / rate:.2f} s)"
+                )
+            centre = start + self.audio_length // 2
+        window = centred_window(fbank, centre, self.audio_length, self.mean)
+        return self._example([image], [mask], window[None], [source.class_index], [source.key])
+
+    def _frame_prompt(self, source: FramePrompt) -> dict:
+        with open_media(source.video) as container:
+            info = probe(container, source.video)
+            check_duration(source.video, float(info.duration), self.options)
+            if source.frame_time >= info.duration:
+                raise ValueError(
+                    f"frame_time {source.frame_time} s is past the video's end ({float(info.duration):.2f} s)"
+                )
+            frames = sample_frames(
+                container,
+                source.video,
+                [Fraction(source.frame_time)],
+                info.video_start,
+                self.options.short_side,
+            )
+        mask = read_mask(source.mask)
+        if mask.shape != (info.height, info.width):
+            raise ValueError(
+                f"mask {source.mask.name} is {mask.shape[1]}x{mask.shape[0]}, video {source.video.name} is "
+                f"{info.width}x{info.height}"
+            )
+        fbank = self._sound(source.video)
+        centre = round(source.frame_time * fbank.shape[0] / float(info.duration))
+        window = centred_window(fbank, centre, self.audio_length, self.mean)
+        image = Image.fromarray(frames.images[0])
+        return self._example([image], [mask], window[None], [source.class_index], [source.key])
+
+    def _clip_prompts(self, source: ClipPrompts) -> dict:
+        clip = extract_video_clip(source.video, self.options)
+        size = (clip.metadata["height"], clip.metadata["width"])
+        masks = [read_mask(path) for path in source.masks]
+        if len(masks) != self.options.num_frames or len(source.class_indices) != self.options.num_frames:
+            raise ValueError(
+                f"{len(masks)} masks and {len(source.class_indices)} classes "
+                f"for {self.options.num_frames} frames"
+            )
+        for path, mask in zip(source.masks, masks, strict=True):
+            if mask.shape != size:
+                raise ValueError(
+                    f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, the video is {size[1]}x{size[0]}"
+                )
+        fbank = torch.from_numpy(clip.fbank).float()
+        audio = aligned_windows(fbank, self.options.num_frames, self.audio_length, self.alignment, self.mean)
+        images = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in clip.frames]
+        keys = [f"{source.key}/f{i:02d}" for i in range(len(images))]
+        return self._example(images, masks, audio, list(source.class_indices), keys)
+
+    # -- shared
+    def _sound(self, path: Path) -> torch.Tensor:
+        with open_media(path) as container:
+            waveform = decode_audio(
+                container, path, self.options.fbank.sample_rate, self.options.mono, MAX_AUDIO_SECONDS
+            )
+        fbank = log_mel_fbank(waveform.samples, self.options.fbank)
+        if fbank.shape[0] == 0:
+            raise DecodeError(path, "sound shorter than one spectrogram frame")
+        return fbank
+
+    def _example(
+        self,
+        images: list[Image.Image],
+        masks: list[np.ndarray],
+        audio: torch.Tensor,
+        classes: list[int],
+        keys: list[str],
+    ) -> dict:
+        return {
+            "audio": (audio - self.mean) / self.std,
+            "video": frames_to_tensor([self.image_geometry(image) for image in images]),
+            "mask": torch.stack([crop_mask(mask, self.image_size) for mask in masks]),
+            "class_index": torch.tensor(classes, dtype=torch.long),
+            "key": keys,
+        }
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    """Concatenate the prompts of a batch of sources; `skipped` lists the sources that failed. With no
+    readable source the tensors are absent (`audio` is None)."""
+    good = [item for item in items if "rejection" not in item]
+    batch: dict = {"skipped": [item["rejection"] for item in items if "rejection" in item]}
+    if not good:
+        return batch | {"audio": None, "video": None, "mask": None, "class_index": None, "key": []}
+    for name in ("audio", "video", "mask", "class_index"):
+        batch[name] = torch.cat([item[name] for item in good])
+    batch["key"] = [key for item in good for key in item["key"]]
+    return batch
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """Class names, one per line, or a CSV whose `name`/`display_name`/`mid` column holds them."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        return [str(name) for name in json.loads(text)]
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        for column in ("name", "display_name", "mid"):
+            if rows and column in rows[0]:
+                return [row[column].strip() for row in rows]
+        raise ValueError(f"{path}: a class CSV needs a name, display_name or mid column")
+    return [line.strip() for line in text.splitlines() if line.strip()]

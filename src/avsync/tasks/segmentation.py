@@ -1,0 +1,374 @@
+"""Temporal segmentation of videos (supplementary §11, Fig. 6): which frames of a clip belong together?
+
+A clip's 16 SPEC frames and their aligned audio windows go through the backbone; the per-frame global
+tokens (L2-normalized; `audio_visual` concatenates both, each normalized) are clustered into K segments
+(`avsync.evaluation.segmentation`), once per feature kind: video, audio-visual, audio. A figure like
+Fig. 6 shows the frame strip, the three segment bars (and the ground truth when known) and the
+spectrogram.
+
+    avsync segment clip1.mp4 clip2.mp4 --ckpt model.ckpt --segments 5 --out seg/ [--annotations DIR]
+
+writes `seg/<video>.png` per video and `seg/segments.json` (segment ids per kind, and with annotations the
+adjusted Rand index and boundary F1 per kind); a video that fails is reported and skipped. Annotations:
+`DIR/<video stem>.json` in the synthetic set's format (`frames.class_indices`) or `{"labels": [...]}`,
+one label per frame; `DIR` may also be a synthetic set's root (its `annotations/` folder is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from PIL import Image
+
+from avsync.data.alignment import AlignmentMode
+from avsync.data.clip import ExtractionOptions, extract_video_clip
+from avsync.data.errors import DecodeError
+from avsync.data.transforms import AudioWindows, CenterFrame, frames_to_tensor
+from avsync.evaluation.segmentation import (
+    Linkage,
+    adjusted_rand_index,
+    boundary_f1,
+    first_appearance_order,
+    segment_frames,
+)
+from avsync.model import CAVMAESync
+
+FeatureKind = Literal["video", "audio_visual", "audio"]
+#: Bar order of Fig. 6: visual, audio-visual, audio.
+FEATURE_KINDS: tuple[FeatureKind, ...] = ("video", "audio_visual", "audio")
+BAR_TITLES = {"video": "video", "audio_visual": "audio-visual", "audio": "audio", "truth": "ground truth"}
+
+
+@dataclass
+class ClipFeatures:
+    """Per-frame unit-norm global tokens of one clip, and what the figure shows of it."""
+
+    name: str
+    audio: np.ndarray  # (T, D)
+    video: np.ndarray  # (T, D)
+    frames: list[np.ndarray]  # T RGB uint8 images as decoded
+    fbank: np.ndarray  # (S, mel) raw log-Mel spectrogram of the whole clip
+    duration: float
+
+    def of(self, kind: FeatureKind) -> np.ndarray:
+        if kind == "audio":
+            return self.audio
+        if kind == "video":
+            return self.video
+        if kind == "audio_visual":
+            return np.concatenate([self.audio, self.video], axis=1)
+        raise ValueError(f"unknown feature kind {kind!r}; use one of {FEATURE_KINDS}")
+
+
+@torch.no_grad()
+def clip_features(
+    backbone: CAVMAESync,
+    path: str | Path,
+    options: ExtractionOptions | None = None,
+    alignment: AlignmentMode = "clip",
+) -> ClipFeatures:
+    """Decode `path` as `avsync prepare` does (SPEC frames, aligned windows) and encode its T pairs."""
+    options = options or ExtractionOptions()
+    clip = extract_video_clip(path, options)
+    images = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in clip.frames]
+    geometry = CenterFrame(backbone.image_size)
+    device = next(backbone.parameters()).device
+    video = frames_to_tensor([geometry(image) for image in images]).to(device)
+    fbank = torch.from_numpy(clip.fbank).float()
+    audio = AudioWindows(options.num_frames, backbone.audio_length, alignment).windows(fbank).to(device)
+    embeddings = backbone.encode(audio[None], video[None])
+    return ClipFeatures(
+        name=Path(path).stem,
+        audio=F.normalize(embeddings.global_audio[0].float(), dim=-1).cpu().numpy(),
+        video=F.normalize(embeddings.global_video[0].float(), dim=-1).cpu().numpy(),
+        frames=[np.asarray(image) for image in images],
+        fbank=clip.fbank.astype(np.float32),
+        duration=float(clip.metadata["duration"]),
+    )
+
+
+@dataclass
+class VideoSegmentation:
+    """Segment ids per feature kind; with ground truth, the agreement of each kind with it."""
+
+    name: str
+    segments: dict[str, list[int]]
+    methods: dict[str, str]
+    truth: list[int] | None = None
+    agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {"segments": self.segments, "methods": self.methods}
+        if self.truth is not None:
+            out |= {"truth": self.truth, "agreement": self.agreement}
+        return out
+
+
+def segment_clip(
+    features: ClipFeatures,
+    num_segments: int | None = 5,
+    truth: Sequence[int] | None = None,
+    linkage: Linkage = "ward",
+    contiguous: bool = False,
+    tolerance: int = 1,
+) -> VideoSegmentation:
+    """Segment a clip with each feature kind; `num_segments=None` takes the number of distinct
+    ground-truth labels (needs `truth`). With `truth`, adds ARI and boundary precision/recall/F1."""
+    frames = len(features.audio)
+    if truth is not None and len(truth) != frames:
+        raise ValueError(f"{features.name}: {len(truth)} ground-truth labels for {frames} frames")
+    if num_segments is None:
+        if truth is None:
+            raise ValueError("num_segments=None needs ground truth to count its segments")
+        num_segments = len(set(truth))
+    result = VideoSegmentation(features.name, {}, {}, None if truth is None else [int(x) for x in truth])
+    for kind in FEATURE_KINDS:
+        segmentation = segment_frames(features.of(kind), min(num_segments, frames), linkage, contiguous)
+        result.segments[kind] = segmentation.labels.tolist()
+        result.methods[kind] = segmentation.method
+        if truth is not None:
+            bounds = boundary_f1(truth, segmentation.labels, tolerance)
+            result.agreement[kind] = {
+                "ari": adjusted_rand_index(truth, segmentation.labels),
+                "boundary_precision": bounds.precision,
+                "boundary_recall": bounds.recall,
+                "boundary_f1": bounds.f1,
+            }
+    return result
+
+
+def plot_segmentation(features: ClipFeatures, result: VideoSegmentation, path: str | Path) -> Path:
+    """Fig. 6-style PNG: frame strip, segment bars (video, audio-visual, audio, then truth), spectrogram."""
+    bars = [(BAR_TITLES[kind], result.segments[kind]) for kind in FEATURE_KINDS]
+    if result.truth is not None:
+        bars.append((BAR_TITLES["truth"], _truth_ids(result.truth)))
+    strip = np.concatenate([_thumbnail(frame, 96) for frame in features.frames], axis=1)
+    duration, frames = features.duration, len(features.frames)
+    ratios = [strip.shape[0] / strip.shape[1] * 16, *[0.5] * len(bars), 2.5]
+    figure = Figure(figsize=(12, sum(ratios) * 0.75 + 0.6), layout="constrained")
+    axes = figure.subplots(len(ratios), 1, sharex=True, gridspec_kw={"height_ratios": ratios})
+    axes[0].imshow(strip, extent=(0, duration, 0, 1), aspect="auto")
+    axes[0].set_title(features.name, fontsize=10)
+    colours = ListedColormap(_palette(max(max(ids) for _, ids in bars) + 1))
+    for axis, (title, ids) in zip(axes[1:], bars, strict=False):
+        axis.imshow(
+            np.asarray(ids)[None], extent=(0, duration, 0, 1), aspect="auto", cmap=colours,
+            vmin=-0.5, vmax=colours.N - 0.5, interpolation="nearest",
+        )  # fmt: skip
+        for boundary in range(1, frames):
+            if ids[boundary] != ids[boundary - 1]:
+                axis.axvline(boundary * duration / frames, color="black", linewidth=1.5)
+        axis.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=9)
+    spectrogram = axes[-1]
+    spectrogram.imshow(
+        features.fbank.T, origin="lower", extent=(0, duration, 0, features.fbank.shape[1]), aspect="auto",
+        cmap="magma",
+    )  # fmt: skip
+    spectrogram.set_ylabel("mel bin", fontsize=9)
+    spectrogram.set_xlabel("time (s)")
+    for axis in axes[:-1]:
+        axis.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _thumbnail(frame: np.ndarray, height: int) -> np.ndarray:
+    image = Image.fromarray(frame)
+    width = max(1, round(image.width * height / image.height))
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _truth_ids(truth: Sequence[int]) -> list[int]:
+    """Ground-truth labels renumbered by first appearance, so its colours line up with the bars'."""
+    return first_appearance_order(truth).tolist()
+
+
+def _palette(count: int) -> list:
+    base = colormaps["tab10"].colors if count <= 10 else colormaps["tab20"].colors
+    return [base[i % len(base)] for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+def read_annotation(directory: Path, name: str) -> list[int] | None:
+    """Per-frame labels of video `name` from `directory` (see the module docstring), or None if absent."""
+    folder = directory / "annotations" if (directory / "annotations").is_dir() else directory
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        return None
+    content = json.loads(path.read_text())
+    labels = content["frames"]["class_indices"] if "frames" in content else content.get("labels")
+    if not isinstance(labels, list):
+        raise ValueError(f"{path}: no per-frame labels (frames.class_indices or labels)")
+    return [int(label) for label in labels]
+
+
+# ------------------------------------------------------------------------------------------ synthetic sets
+@dataclass
+class SynthSegmentationScore:
+    """Per-clip results on a synthetic set and their means per feature kind."""
+
+    clips: list[VideoSegmentation]
+    skipped: list[tuple[str, str]]
+
+    def mean(self, metric: str = "ari", kind: FeatureKind = "audio_visual") -> float:
+        values = [clip.agreement[kind][metric] for clip in self.clips]
+        return float(np.mean(values)) if values else math.nan
+
+    def to_json(self) -> dict:
+        return {
+            "clips": len(self.clips),
+            "mean": {
+                kind: {metric: self.mean(metric, kind) for metric in ("ari", "boundary_f1")}
+                for kind in FEATURE_KINDS
+            },
+            "skipped": [{"source": source, "reason": reason} for source, reason in self.skipped],
+        }
+
+
+def score_synth_segmentation(
+    backbone: CAVMAESync,
+    synth_dir: str | Path,
+    split: str | None = "test",
+    num_segments: int | None = None,
+    linkage: Linkage = "ward",
+    contiguous: bool = False,
+    options: ExtractionOptions | None = None,
+) -> SynthSegmentationScore:
+    """Segment every clip of a synthetic set (or one split) and score it against its per-frame classes.
+    `num_segments=None`: each clip's own number of distinct classes (the synthetic clips hold 2-4 events,
+    fewer than the paper's 5)."""
+    from avsync.data.synth import load_synth
+
+    manifest = load_synth(synth_dir)
+    if split is not None and split not in manifest.splits:
+        raise ValueError(f"unknown split {split!r}; use one of {sorted(manifest.splits)} or None (all clips)")
+    ids = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]
+    clips, skipped = [], []
+    for clip in ids:
+        try:
+            features = clip_features(backbone, manifest.video(clip), options)
+        except DecodeError as error:
+            skipped.append((clip, str(error)))
+            continue
+        truth = manifest.annotation(clip)["frames"]["class_indices"]
+        clips.append(segment_clip(features, num_segments, truth, linkage, contiguous))
+    return SynthSegmentationScore(clips, skipped)
+
+
+def synth_segmentation_ari(
+    backbone: CAVMAESync,
+    synth_dir: str | Path,
+    split: str | None = "test",
+    kind: FeatureKind = "audio_visual",
+) -> float:
+    """Mean adjusted Rand index of `kind` segments over a synthetic set's clips (for the demo table)."""
+    return score_synth_segmentation(backbone, synth_dir, split).mean("ari", kind)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avsync segment",
+        description="Temporal segmentation of videos into audio-visual events (supplementary §11, Fig. 6).",
+    )
+    add = parser.add_argument
+    add("videos", nargs="+", type=Path, metavar="VIDEO", help="video files")
+    add(
+        "--ckpt",
+        required=True,
+        type=Path,
+        help="avsync checkpoint (.ckpt / .safetensors) or the authors' one",
+    )
+    add("--out", required=True, type=Path, help="output folder: one PNG per video and segments.json")
+    add("--segments", type=int, default=5, help="segments per video (default: %(default)s)")
+    add(
+        "--annotations",
+        type=Path,
+        help="per-frame ground truth: folder of <video stem>.json (or a synth set)",
+    )
+    add("--linkage", choices=("ward", "complete", "average", "single"), default="ward")
+    add("--contiguous", action="store_true", help="only merge neighbouring frames (segments are runs)")
+    add("--tolerance", type=int, default=1, help="boundary match tolerance in frames (default: %(default)s)")
+    add(
+        "--alignment", choices=("clip", "authors"), default="clip", help="frame-to-window alignment (SPEC §1)"
+    )
+    add(
+        "--max-duration",
+        type=float,
+        default=60.0,
+        help="longest accepted video in seconds (default: %(default)s)",
+    )
+    add(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from avsync.checkpoint_io import CheckpointError
+    from avsync.loading import load_backbone
+
+    try:
+        backbone = load_backbone(args.ckpt).to(args.device)
+    except (CheckpointError, RuntimeError) as error:
+        print(f"avsync segment: error: {error}", file=sys.stderr)
+        return 2
+    if args.segments < 1:
+        print("avsync segment: error: --segments must be at least 1", file=sys.stderr)
+        return 2
+    options = ExtractionOptions(max_duration=args.max_duration)
+    results: dict[str, dict] = {}
+    failures: list[dict[str, str]] = []
+    for video in args.videos:
+        try:
+            features = clip_features(backbone, video, options, args.alignment)
+            truth = read_annotation(args.annotations, video.stem) if args.annotations else None
+            result = segment_clip(
+                features, args.segments, truth, args.linkage, args.contiguous, args.tolerance
+            )
+            picture = plot_segmentation(features, result, args.out / f"{video.stem}.png")
+        except (DecodeError, ValueError, KeyError, OSError) as error:
+            reason = str(error) if isinstance(error, DecodeError) else f"{video}: {error}"
+            print(f"skipped {reason}", file=sys.stderr)
+            failures.append({"source": str(video), "reason": reason})
+            continue
+        results[video.stem] = {"video": str(video), "figure": picture.name, **result.to_json()}
+        scores = result.agreement.get("audio_visual")
+        summary = f"  ARI {scores['ari']:.2f}  boundary F1 {scores['boundary_f1']:.2f}" if scores else ""
+        print(f"{video.stem}: audio-visual segments {result.segments['audio_visual']}{summary}")
+    report: dict = {"segments": args.segments, "contiguous": args.contiguous, "linkage": args.linkage}
+    report |= {"videos": results, "failures": failures}
+    scored = [entry["agreement"] for entry in results.values() if "agreement" in entry]
+    if scored:
+        report["mean"] = {
+            kind: {
+                metric: float(np.mean([s[kind][metric] for s in scored])) for metric in ("ari", "boundary_f1")
+            }
+            for kind in FEATURE_KINDS
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "segments.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Sound-prompted segmentation: heat-map geometry, prompt decoding, LocalizationModule in real Lightning
+test runs, and `avsync localize` end to end on a small synthetic set and a CSV manifest."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from avsync.data.alignment import window_center
+from avsync.data.clip import extract_video_clip
+from avsync.data.synth import load_synth, synthesize
+from avsync.data.transforms import CenterFrame, frames_to_tensor
+from avsync.evaluation.localization import localization_metrics
+from avsync.model import CAVMAESync
+from avsync.tasks import PretrainModule
+from avsync.tasks.localization import evaluate_localization, main, similarity_maps, sound_prompted_maps
+from avsync.tasks.localization_data import (
+    PromptDataset,
+    collate_prompts,
+    crop_mask,
+    read_manifest,
+    synth_prompt_set,
+)
+from avsync.tasks.visualize import denormalize_frame
+
+#: 48-px frames (a 3x3 patch grid), 64-frame windows of the real 128-bin spectrogram.
+TINY = dict(
+    image_size=48, audio_length=64, embed_dim=32, num_heads=2, encoder_depth=1,
+    decoder_dim=16, decoder_depth=1, decoder_heads=2, num_registers=2,
+)  # fmt: skip
+CPU = {"accelerator": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory) -> Path:
+    """Four 3-s clips of three classes, 64x64 pixels, two of them in the test split."""
+    out = tmp_path_factory.mktemp("localize") / "synth"
+    synthesize(out, clips=4, classes=3, seed=0, duration=3.0, size=64, holdout=0.5, min_event=0.8, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backbone() -> CAVMAESync:
+    torch.manual_seed(0)
+    return CAVMAESync(**TINY).eval()
+
+
+def write_checkpoint(backbone: CAVMAESync, path: Path) -> Path:
+    """A Lightning-format checkpoint of a `PretrainModule` (what `avsync fit` writes, minus trainer state)."""
+    module = PretrainModule(backbone)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- heat maps
+def test_similarity_map_is_the_patch_cosine_on_the_row_major_grid_upsampled():
+    audio = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    patches = -audio.repeat(9, 1)[None]  # (1, 9, 4): every patch opposite to the sound ...
+    patches[0, 2] = 2 * audio[0]  # ... except row 0, column 2, which points the same way
+    maps = similarity_maps(audio, patches, (3, 3), (48, 48))
+    grid = torch.full((3, 3), -1.0)
+    grid[0, 2] = 1.0
+    expected = F.interpolate(grid[None, None], size=(48, 48), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(maps[0], expected)
+    hot = maps[0] > 0.5
+    rows, cols = torch.nonzero(hot, as_tuple=True)
+    assert rows.max() < 16 and cols.min() >= 32  # the top-right patch's pixels: not transposed
+
+
+def test_backbone_patch_tokens_are_row_major(backbone):
+    """The map's layout assumes token `r * w + c` covers patch row r, column c; check the tokenizer."""
+    video = torch.zeros(1, 3, 48, 48)
+    changed = video.clone()
+    changed[..., 0:16, 32:48] = 1.0  # only the pixels of row 0, column 2
+    _, before = backbone.tokenize(None, video)
+    _, after = backbone.tokenize(None, changed)
+    moved = (after - before).abs().sum(-1)[0] > 0
+    assert moved.nonzero().flatten().tolist() == [2]
+
+
+def test_heat_maps_are_cosines_of_the_audio_token_with_each_patch(backbone):
+    generator = torch.Generator().manual_seed(1)
+    audio, video = (
+        torch.randn(2, 64, 128, generator=generator),
+        torch.randn(2, 3, 48, 48, generator=generator),
+    )
+    maps = sound_prompted_maps(backbone, audio, video)
+    assert maps.shape == (2, 48, 48)
+    embeddings = backbone.encode(audio, video)
+    for b in range(2):
+        grid = torch.zeros(3, 3)
+        for n in range(9):
+            grid[n // 3, n % 3] = F.cosine_similarity(
+                embeddings.global_audio[b], embeddings.patches_video[b, n], dim=0
+            )
+        expected = F.interpolate(grid[None, None], size=(48, 48), mode="bilinear", align_corners=False)[0, 0]
+        assert torch.allclose(maps[b], expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def test_masks_follow_the_image_geometry():
+    """An 80x40 mask: the short side goes 40 -> 32 (x0.8) and the centre crop keeps x 20..60 of 80."""
+    mask = np.zeros((40, 80), dtype=bool)
+    mask[10:30, 8:28] = True  # -> rows 8..24, columns 0..6.4 (the crop cuts x < 20)
+    mask[5:15, 50:70] = True  # -> rows 4..12, columns 24..32 (the crop cuts x >= 60)
+    cropped = crop_mask(mask, 32)
+    assert cropped.shape == (32, 32)
+    assert cropped[8:24, 0:6].all() and cropped[4:12, 25:32].all()
+    assert not cropped[:, 8:23].any() and not cropped[13:, 8:].any() and not cropped[:3].any()
+    assert abs(int(cropped.sum()) - (16 * 6.4 + 8 * 8)) <= 16  # boundary rows/columns may round either way
+    # and the image itself lands on the same pixels
+    picture = Image.fromarray(np.where(mask[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2))
+    image = denormalize_frame(frames_to_tensor([CenterFrame(32)(picture)])[0]).mean(0)
+    assert ((image > 0.5) == cropped).float().mean() > 0.98
+
+
+def test_synth_prompts_are_every_frame_with_its_class_and_mask(synth_set, backbone):
+    prompts = synth_prompt_set(synth_set, "test")
+    manifest = load_synth(synth_set)
+    assert [s.key for s in prompts.sources] == manifest.splits["test"]
+    assert prompts.class_names == ["synth_0", "synth_1", "synth_2"]
+    dataset = PromptDataset(prompts.sources, backbone.image_size, backbone.audio_length)
+    item = dataset[0]
+    clip = manifest.splits["test"][0]
+    annotation = manifest.annotation(clip)
+    assert item["video"].shape == (16, 3, 48, 48) and item["audio"].shape == (16, 64, 128)
+    assert item["class_index"].tolist() == annotation["frames"]["class_indices"]
+    assert item["key"][3] == f"{clip}/f03"
+    mask = np.asarray(Image.open(synth_set / annotation["frames"]["masks"][3])) > 0
+    expected = torch.from_numpy(np.array(Image.fromarray(mask).resize((48, 48), Image.Resampling.NEAREST)))
+    assert (item["mask"][3] == expected).float().mean() > 0.97
+    # the windows are the clip's aligned, normalized windows (frame 0's starts before the clip: padded with 0)
+    fbank = torch.from_numpy(extract_video_clip(manifest.video(clip)).fbank).float()
+    start = window_center(8, 16, fbank.shape[0]) - 32
+    assert torch.allclose(item["audio"][8], (fbank[start : start + 64] + 5.081) / 4.4849, atol=1e-5)
+    assert torch.all(item["audio"][0][:32] == 0)
+
+
+def write_manifest_set(synth_set: Path, folder: Path) -> tuple[Path, int]:
+    """A CSV manifest over synthetic frames: image rows (frame JPEG + the clip's mp4 as the sound), video
+    rows (`video,frame_time`), and one broken row of each kind. Returns the path and the good rows."""
+    folder.mkdir()
+    manifest = load_synth(synth_set)
+    rows, good = [], 0
+    for clip in manifest.splits["test"]:
+        annotation = manifest.annotation(clip)
+        decoded = extract_video_clip(manifest.video(clip))
+        for i in (2, 12):
+            image = folder / f"{clip}_{i}.jpg"
+            image.write_bytes(decoded.frames[i])
+            mask = synth_set / annotation["frames"]["masks"][i]
+            name = f"synth_{annotation['frames']['class_indices'][i]}"
+            rows.append(
+                {"image": image.name, "audio": str(manifest.video(clip)), "mask": str(mask), "class": name}
+            )
+            rows.append({"video": str(manifest.video(clip)), "frame_time": annotation["frames"]["times"][i],
+                         "mask": str(mask), "class": name})  # fmt: skip
+            good += 2
+    (folder / "notes.wav").write_text("this is not a sound")
+    Image.new("L", (10, 10)).save(folder / "small_mask.png")
+    first = rows[0]
+    rows += [
+        {**first, "image": "missing.jpg"},
+        {**first, "audio": "notes.wav"},
+        {**first, "mask": "small_mask.png"},
+        {**first, "class": "trumpet"},
+    ]
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "audio", "video", "frame_time", "mask", "class"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "classes.txt").write_text("synth_0\nsynth_1\nsynth_2\n")
+    return path, good
+
+
+def test_manifest_rows_are_read_and_bad_ones_refused(synth_set, tmp_path):
+    path, good = write_manifest_set(synth_set, tmp_path / "manifest")
+    prompts = read_manifest(path, ["synth_0", "synth_1", "synth_2"])
+    assert len(prompts.sources) == good + 2  # the bad sound and the small mask show only when decoded
+    reasons = {r.source: r.reason for r in prompts.rejected}
+    assert len(reasons) == 2
+    assert any("missing.jpg does not exist" in reason for reason in reasons.values())
+    assert any("unknown class 'trumpet'" in reason for reason in reasons.values())
+    dataset = PromptDataset(prompts.sources, 48, 64)
+    failures = [dataset[i]["rejection"] for i in range(len(dataset)) if "rejection" in dataset[i]]
+    assert len(failures) == 2
+    assert any("notes.wav" in f.reason and "not a readable media container" in f.reason for f in failures)
+    assert any("small_mask.png is 10x10" in f.reason for f in failures)
+    (tmp_path / "bad.csv").write_text("picture,sound\na.jpg,b.wav\n")
+    with pytest.raises(ValueError, match="needs the columns"):
+        read_manifest(tmp_path / "bad.csv")
+
+
+def test_collate_keeps_rejections_beside_the_prompts(synth_set):
+    prompts = synth_prompt_set(synth_set, None)
+    items = [PromptDataset(prompts.sources[:1], 48, 64)[0], {"rejection": ("x.mp4", "no audio stream")}]
+    batch = collate_prompts(items)
+    assert batch["video"].shape[0] == 16 and batch["skipped"] == [("x.mp4", "no audio stream")]
+    assert collate_prompts(items[1:])["audio"] is None
+
+
+# ---------------------------------------------------------------------------------------------- module
+def test_module_scores_the_synthetic_frames_in_a_lightning_test_run(synth_set, backbone):
+    prompts = synth_prompt_set(synth_set, "test")
+    module = evaluate_localization(backbone, prompts, batch_size=1, overlays=5, trainer_options=CPU)
+    assert module.prompts_scored == 32 and module.skipped == []
+    assert len(module.overlays) == 5 and module.overlays[0].heat_map.max() == pytest.approx(1.0)
+    # the accumulated result is the one-shot metric of the same maps
+    dataset = PromptDataset(prompts.sources, 48, 64)
+    batch = collate_prompts([dataset[i] for i in range(len(dataset))])
+    maps = sound_prompted_maps(backbone, batch["audio"], batch["video"])
+    expected = localization_metrics(maps, batch["mask"], batch["class_index"], prompts.class_names)
+    assert module.result.mean_ap == pytest.approx(expected.mean_ap, abs=1e-6)
+    assert module.result.mean_iou == pytest.approx(expected.mean_iou, abs=1e-6)
+    counts = np.bincount(batch["class_index"].numpy(), minlength=3)
+    assert {name: score.images for name, score in module.result.per_class.items()} == {
+        f"synth_{k}": int(n) for k, n in enumerate(counts) if n
+    }
+
+
+def test_perfect_features_score_higher_than_random_ones(synth_set, backbone):
+    """The same maps through the metric: masks themselves (an oracle) beat the untrained model's maps."""
+    prompts = synth_prompt_set(synth_set, "test")
+    dataset = PromptDataset(prompts.sources, 48, 64)
+    batch = collate_prompts([dataset[i] for i in range(len(dataset))])
+    maps = sound_prompted_maps(backbone, batch["audio"], batch["video"])
+    oracle = localization_metrics(batch["mask"].float() + 0.1 * maps, batch["mask"], batch["class_index"])
+    model = localization_metrics(maps, batch["mask"], batch["class_index"])
+    assert oracle.mean_ap > 0.95 and oracle.mean_ap > model.mean_ap + 0.3
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_cli_on_a_synthetic_set_writes_metrics_and_overlays(synth_set, backbone, tmp_path, capsys):
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    out = tmp_path / "out"
+    code = main(["--ckpt", str(checkpoint), "--synth", str(synth_set), "--split", "test", "--out", str(out),
+                 "--overlays", "3", "--workers", "0", "--accelerator", "cpu"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == 32 and metrics["images"] == 32 and metrics["skipped"] == []
+    assert 0 <= metrics["mAP"] <= 1 and 0 <= metrics["mIoU"] <= 1
+    assert set(metrics["per_class"]) <= {"synth_0", "synth_1", "synth_2"}
+    pictures = sorted((out / "overlays").glob("*.png"))
+    assert len(pictures) == 3
+    with Image.open(pictures[0]) as picture:
+        assert picture.size == (4 * (3 * 48 + 4), 4 * 48)  # three panels and two gaps, enlarged 4x
+    assert "mAP" in capsys.readouterr().out
+
+
+def test_cli_on_a_manifest_skips_and_reports_bad_rows(synth_set, backbone, tmp_path, capsys):
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    path, good = write_manifest_set(synth_set, tmp_path / "manifest")
+    out = tmp_path / "out"
+    classes = path.parent / "classes.txt"
+    code = main(["--ckpt", str(checkpoint), "--manifest", str(path), "--classes", str(classes),
+                 "--out", str(out), "--workers", "0", "--accelerator", "cpu"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == good
+    assert len(metrics["skipped"]) == 4
+    stderr = capsys.readouterr().err
+    for problem in ("does not exist", "unknown class", "not a readable media container", "is 10x10"):
+        assert problem in stderr
+        assert any(problem in entry["reason"] for entry in metrics["skipped"])
+
+
+def test_cli_refuses_a_bad_checkpoint(tmp_path, synth_set, capsys):
+    (tmp_path / "model.ckpt").write_bytes(b"not a checkpoint")
+    code = main(
+        ["--ckpt", str(tmp_path / "model.ckpt"), "--synth", str(synth_set), "--out", str(tmp_path / "o")]
+    )
+    stderr = capsys.readouterr().err
+    assert code == 2 and f"avsync localize: error: {tmp_path / 'model.ckpt'}" in stderr
+
+
+def test_overlay_picture_shows_image_map_and_mask(synth_set, backbone):
+    prompts = synth_prompt_set(synth_set, "test")
+    module = evaluate_localization(backbone, prompts, overlays=1, trainer_options=CPU)
+    overlay = module.overlays[0]
+    picture = np.asarray(overlay.image(min_height=48))
+    frame, mask_panel = picture[:, :48], picture[:, -48:]
+    assert np.array_equal(mask_panel[..., 0] > 127, overlay.mask.numpy())
+    assert np.abs(frame.astype(int) - (overlay.frame.permute(1, 2, 0).numpy() * 255).round()).max() <= 1

@@ -1,0 +1,189 @@
+"""Temporal segmentation of videos: per-frame features, clustering per feature kind, the Fig. 6 picture,
+and `avsync segment` end to end on real synthetic mp4s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from avsync.data.synth import load_synth, synthesize
+from avsync.data.transforms import AudioWindows, CenterFrame, frames_to_tensor
+from avsync.model import CAVMAESync
+from avsync.tasks import PretrainModule
+from avsync.tasks.segmentation import (
+    ClipFeatures,
+    clip_features,
+    main,
+    plot_segmentation,
+    read_annotation,
+    score_synth_segmentation,
+    segment_clip,
+    synth_segmentation_ari,
+)
+
+TINY = dict(
+    image_size=48, audio_length=64, embed_dim=32, num_heads=2, encoder_depth=1,
+    decoder_dim=16, decoder_depth=1, decoder_heads=2, num_registers=2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory) -> Path:
+    """Four 3-s clips of three classes with 2-3 events each, two of them in the test split."""
+    out = tmp_path_factory.mktemp("segment") / "synth"
+    synthesize(out, clips=4, classes=3, seed=1, duration=3.0, size=64, holdout=0.5, min_event=0.8, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backbone() -> CAVMAESync:
+    torch.manual_seed(0)
+    return CAVMAESync(**TINY).eval()
+
+
+def oracle_features(truth: list[int], dim: int = 8, seed: int = 0) -> ClipFeatures:
+    """Features that know the answer: one direction per class, a little noise, unit norm."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(max(truth) + 1, dim))
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return ClipFeatures(
+        name="oracle",
+        audio=unit(directions[truth] + 0.05 * rng.normal(size=(len(truth), dim))),
+        video=unit(directions[truth] + 0.05 * rng.normal(size=(len(truth), dim))),
+        frames=[np.full((24, 32, 3), 40 * (label + 1), np.uint8) for label in truth],
+        fbank=rng.normal(size=(300, 128)).astype(np.float32),
+        duration=3.0,
+    )
+
+
+def test_clip_features_are_the_unit_global_tokens_of_the_aligned_pairs(synth_set, backbone):
+    manifest = load_synth(synth_set)
+    video = manifest.video(manifest.clips[0].clip_id)
+    features = clip_features(backbone, video)
+    assert features.audio.shape == (16, 32) and features.video.shape == (16, 32)
+    assert np.allclose(np.linalg.norm(features.audio, axis=1), 1, atol=1e-5)
+    assert features.of("audio_visual").shape == (16, 64)
+    assert len(features.frames) == 16 and features.duration == pytest.approx(3.0)
+    # the same tokens as encoding the clip's frames and aligned windows directly
+    frames = frames_to_tensor([CenterFrame(48)(Image.fromarray(frame)) for frame in features.frames])
+    windows = AudioWindows(16, 64).windows(torch.from_numpy(features.fbank))
+    expected = backbone.encode(windows[None], frames[None])
+    assert np.allclose(
+        features.audio, F.normalize(expected.global_audio[0], dim=-1).detach().numpy(), atol=1e-5
+    )
+    assert np.allclose(
+        features.video, F.normalize(expected.global_video[0], dim=-1).detach().numpy(), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        features.of("text")
+
+
+def test_each_feature_kind_is_segmented_and_scored_against_the_truth():
+    truth = [2] * 5 + [0] * 6 + [2] * 5
+    result = segment_clip(oracle_features(truth), num_segments=None, truth=truth)
+    for kind in ("video", "audio_visual", "audio"):
+        assert result.segments[kind] == [0] * 5 + [1] * 6 + [0] * 5  # two classes: K = 2, ids by appearance
+        assert result.agreement[kind]["ari"] == pytest.approx(1.0)
+        assert result.agreement[kind]["boundary_f1"] == 1.0
+    five = segment_clip(oracle_features(truth), num_segments=5, truth=truth)
+    assert len(set(five.segments["audio"])) == 5 and five.agreement["audio"]["ari"] < 1.0
+    assert "agreement" not in segment_clip(oracle_features(truth), 5).to_json()
+    with pytest.raises(ValueError, match="ground-truth labels"):
+        segment_clip(oracle_features(truth), 3, truth=truth[:-1])
+
+
+def test_the_figure_has_the_frame_strip_bars_and_spectrogram(tmp_path):
+    truth = [0] * 8 + [1] * 8
+    features = oracle_features(truth)
+    result = segment_clip(features, 2, truth)
+    path = plot_segmentation(features, result, tmp_path / "figure.png")
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert pixels.shape[1] == 1200 and pixels.shape[0] > 400
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+    assert len(colours) > 50  # frames, four bars and a spectrogram, not a blank canvas
+
+
+def test_annotations_are_read_from_a_folder_or_a_synthetic_set(synth_set, tmp_path):
+    manifest = load_synth(synth_set)
+    clip = manifest.clips[0].clip_id
+    expected = manifest.annotation(clip)["frames"]["class_indices"]
+    assert read_annotation(synth_set, clip) == expected
+    assert read_annotation(synth_set / "annotations", clip) == expected
+    (tmp_path / "mine.json").write_text(json.dumps({"labels": [1, 1, 2]}))
+    assert read_annotation(tmp_path, "mine") == [1, 1, 2]
+    assert read_annotation(tmp_path, "absent") is None
+
+
+def test_synthetic_scoring_covers_the_split(synth_set, backbone):
+    manifest = load_synth(synth_set)
+    score = score_synth_segmentation(backbone, synth_set, "test")
+    assert [clip.name for clip in score.clips] == manifest.splits["test"]
+    for clip in score.clips:
+        assert clip.truth == manifest.annotation(clip.name)["frames"]["class_indices"]
+        assert len(set(clip.segments["audio"])) == len(set(clip.truth))
+    ari = synth_segmentation_ari(backbone, synth_set, "test")
+    assert ari == pytest.approx(np.mean([clip.agreement["audio_visual"]["ari"] for clip in score.clips]))
+    assert -1 <= ari <= 1
+
+
+def write_checkpoint(backbone: CAVMAESync, path: Path) -> Path:
+    module = PretrainModule(backbone)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def test_cli_writes_figures_and_segments_and_skips_a_broken_video(synth_set, backbone, tmp_path, capsys):
+    manifest = load_synth(synth_set)
+    videos = [manifest.video(clip.clip_id) for clip in manifest.clips[:2]]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(videos[0].read_bytes()[:2000])  # truncated: no moov atom
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    out = tmp_path / "out"
+    code = main([*map(str, [videos[0], broken, videos[1]]), "--ckpt", str(checkpoint), "--segments", "3",
+                 "--out", str(out), "--annotations", str(synth_set), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "segments.json").read_text())
+    assert set(report["videos"]) == {video.stem for video in videos}
+    for video in videos:
+        entry = report["videos"][video.stem]
+        assert (out / entry["figure"]).is_file()
+        for kind in ("video", "audio_visual", "audio"):
+            assert len(entry["segments"][kind]) == 16 and len(set(entry["segments"][kind])) == 3
+            assert -1 <= entry["agreement"][kind]["ari"] <= 1
+        assert entry["truth"] == manifest.annotation(video.stem)["frames"]["class_indices"]
+    assert report["mean"]["audio_visual"]["ari"] == pytest.approx(
+        np.mean([report["videos"][v.stem]["agreement"]["audio_visual"]["ari"] for v in videos])
+    )
+    assert [failure["source"] for failure in report["failures"]] == [str(broken)]
+    assert "broken.mp4" in capsys.readouterr().err
+
+
+def test_cli_without_any_readable_video_fails(tmp_path, backbone):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    assert (
+        main(
+            [
+                str(tmp_path / "empty.mp4"),
+                "--ckpt",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
+    report = json.loads((tmp_path / "o" / "segments.json").read_text())
+    assert "empty file" in report["failures"][0]["reason"]
