@@ -27,11 +27,11 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def lightning_cli(argv: list[str]) -> None:
+def lightning_cli(argv: list[str]):
     """Run LightningCLI on `argv` (`fit --config ...`); model and data are chosen by `class_path`."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,

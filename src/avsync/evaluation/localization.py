@@ -83,12 +83,14 @@ def best_iou(
 
 @dataclass
 class ClassScore:
-    """One prompt class: `ap`, the best `iou` and its `threshold`, over `images` images."""
+    """One prompt class: `ap`, the best `iou` and its `threshold`, over `images` images;
+    `positive_rate`: the share of object pixels, which is the AP of an uninformative map (chance)."""
 
     ap: float
     iou: float
     threshold: float
     images: int
+    positive_rate: float = math.nan
 
     def to_json(self) -> dict:
         return {
@@ -96,6 +98,7 @@ class ClassScore:
             "iou": _json_float(self.iou),
             "threshold": _json_float(self.threshold),
             "images": self.images,
+            "positive_rate": _json_float(self.positive_rate),
         }
 
 
@@ -151,12 +154,12 @@ def localization_metrics(
         chosen = classes == index
         scores, targets = maps[chosen], masks[chosen].bool()
         if not targets.any():
-            per_class[name] = ClassScore(math.nan, math.nan, math.nan, int(chosen.sum()))
+            per_class[name] = ClassScore(math.nan, math.nan, math.nan, int(chosen.sum()), 0.0)
             undefined.append(name)
             continue
         iou, threshold = best_iou(scores, targets, num_thresholds)
         per_class[name] = ClassScore(
-            pixel_average_precision(scores, targets), iou, threshold, int(chosen.sum())
+            pixel_average_precision(scores, targets), iou, threshold, int(chosen.sum()), float(targets.float().mean())
         )
     defined = [score for name, score in per_class.items() if name not in undefined]
     return LocalizationResult(

@@ -89,7 +89,14 @@ class PretrainModule(L.LightningModule):
             weight_decay=self.hparams.weight_decay,
             **options,
         )
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                "the warm-up + cosine schedule needs the run's length, but the training data has no length and "
+                "trainer.max_steps is not set: set trainer.max_steps, or stream shards with a fixed epoch "
+                "(AVShardDataModule(resampled=True, epoch_length=...))"
+            )
+        total = int(total)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         steps_per_epoch = total / epochs if epochs else max(1, self.trainer.num_training_batches)
         warmup = max(1, round(self.hparams.warmup_epochs * steps_per_epoch)) if self.hparams.warmup_epochs else 0
