@@ -28,3 +28,20 @@ def shared() -> callable:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """A miniature `avsync demo` (synthesize, prepare, `avsync fit` with the tiny config, every task):
+    its work folder holds the shards, the checkpoint and results.json, like the real demo's."""
+    from avsync.demo import run_demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    fit_args = [
+        "--data.init_args.epoch_length=64",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.num_workers=0",
+        "--trainer.check_val_every_n_epoch=1",
+        "--model.init_args.log_images_every_n_steps=4",
+    ]
+    return run_demo(workdir, clips=15, classes=4, epochs=2, probe_epochs=2, workers=1, fit_args=fit_args)

@@ -82,22 +82,24 @@ class Stopwatch:
 # ---------------------------------------------------------------------------------------------- data
 def make_data(workdir: Path, clips: int, classes: int, seed: int, workers: int) -> Path:
     """Synthesize (cached) and prepare the train / test splits (cached); returns the synth directory."""
-    from avsync.data.prepare import prepare
+    from avsync.data.prepare import PrepareError, prepare
     from avsync.data.synth import synthesize
 
     synth = synthesize(workdir / "synth", clips, classes, seed=seed, holdout=0.2, workers=workers)
     for split in ("train", "test"):
         listing = workdir / f"{split}.list"
         listing.write_text("".join(f"{synth.video(clip)}\n" for clip in synth.splits[split]))
-        summary = prepare(
-            [listing],
-            workdir / split,
+        options = dict(
             labels=synth.out_dir / "labels.csv",
             classes=synth.out_dir / "classes.csv",
             shard_max_clips=32,
             workers=workers,
             progress=False,
         )
+        try:  # reuses finished shards of the same inputs and settings
+            summary = prepare([listing], workdir / split, **options)
+        except PrepareError:  # shards of an earlier demo with other settings: replace them
+            summary = prepare([listing], workdir / split, overwrite=True, **options)
         if summary.failures:
             raise RuntimeError(f"prepare skipped {summary.failures} synthetic clips; see {workdir / split}")
     return synth.out_dir

@@ -207,14 +207,21 @@ class AVShardDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
+    def full_pass_dataloader(self, split: Split) -> DataLoader:
+        """Every clip of `split` once (this rank's shards), unshuffled, the last batch partial, decoded
+        as for evaluation (all T pairs, no augmentation): for one-off passes such as caching features
+        of the training clips, which the training loader would shuffle, augment and cut to whole batches."""
+        return self._loader(split, full_pass=True)
+
     @property
     def skipped_samples(self) -> dict[str, int]:
         """Samples skipped so far on this rank, per split (summed over DataLoader workers)."""
         return {split: counter.count for split, counter in self.skip_counters.items()}
 
-    def decoder(self, split: Split) -> ClipDecoder:
-        """The sample decoder of `split` (train: augmentation and random frames; others: neither)."""
-        training = split == "train"
+    def decoder(self, split: Split, full_pass: bool = False) -> ClipDecoder:
+        """The sample decoder of `split` (train: augmentation and random frames; others, and any split
+        in a full pass: neither)."""
+        training = split == "train" and not full_pass
         shape = self.train_mode if training else self.eval_mode
         if training:
             image_transform = RandomFrame(
@@ -241,20 +248,23 @@ class AVShardDataModule(L.LightningDataModule):
             num_classes=self.num_classes or 0,
         )
 
-    def pipeline(self, split: Split, rank: int | None = None, world_size: int | None = None):
+    def pipeline(
+        self, split: Split, rank: int | None = None, world_size: int | None = None, full_pass: bool = False
+    ):
         """The webdataset pipeline of `split` for one rank (default: this process's rank), yielding
-        batches; meant for a DataLoader with this module's `num_workers` (its length assumes them)."""
+        batches; meant for a DataLoader with this module's `num_workers` (its length assumes them).
+        `full_pass`: see :meth:`full_pass_dataloader`."""
         if split not in self.shards:
             if self.shard_specs.get(split) is None:
                 raise ValueError(f"no {split}_shards were given")
             self.setup()
         if rank is None or world_size is None:
             rank, world_size = self._rank_and_world()
-        training = split == "train"
-        batches_per_worker, length = self._epoch_plan(split, rank, world_size)
+        training = split == "train" and not full_pass
+        batches_per_worker, length = self._epoch_plan(split, rank, world_size, training)
         pipeline = build_pipeline(
             self.shards[split].urls,
-            self.decoder(split),
+            self.decoder(split, full_pass),
             batch_size=self.batch_size if training else self.eval_batch_size,
             handler=self.skip_counters.setdefault(split, SkipCounter(split, self.num_workers)),
             rank=rank,
@@ -268,7 +278,9 @@ class AVShardDataModule(L.LightningDataModule):
         )
         return pipeline if length is None else pipeline.with_length(length, silent=True)
 
-    def _epoch_plan(self, split: Split, rank: int, world_size: int) -> tuple[int | None, int | None]:
+    def _epoch_plan(
+        self, split: Split, rank: int, world_size: int, training: bool
+    ) -> tuple[int | None, int | None]:
         """`(batches per worker, batches per rank)` where they are known exactly.
 
         Resampled training: the fixed epoch, `epoch_length` samples rounded up to whole batches on every
@@ -277,7 +289,7 @@ class AVShardDataModule(L.LightningDataModule):
         """
         shards = self.shards[split]
         workers = max(1, self.num_workers)
-        if split == "train" and self.resampled:
+        if training and self.resampled:
             samples = self.epoch_length
             if samples is None:
                 if shards.num_clips is None:
@@ -285,18 +297,18 @@ class AVShardDataModule(L.LightningDataModule):
                 samples = math.ceil(shards.num_clips / world_size)
             batches_per_worker = max(1, math.ceil(samples / (self.batch_size * workers)))
             return batches_per_worker, batches_per_worker * workers
-        if split != "train" and shards.clips_per_shard is not None:
+        if not training and shards.clips_per_shard is not None:
             counts = shards.clips_per_shard
             return None, fixed_mode_batches(
                 counts, rank, world_size, self.num_workers, self.eval_batch_size, True
             )
         return None, None
 
-    def _loader(self, split: Split) -> DataLoader:
+    def _loader(self, split: Split, full_pass: bool = False) -> DataLoader:
         return DataLoader(
-            self.pipeline(split),
+            self.pipeline(split, full_pass=full_pass),
             batch_size=None,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and split in ("train", "val"),
+            persistent_workers=self.num_workers > 0 and split in ("train", "val") and not full_pass,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )

@@ -206,8 +206,8 @@ class FeatureCache:
             if progress and rank == 0:
                 from tqdm.auto import tqdm
 
-                iterator = tqdm(
-                    batches, desc=f"probe features, {split} (rank {rank})", unit="batch", leave=False
+                iterator = tqdm(  # disable=None: no bar when the output is not a terminal (logs, CI)
+                    batches, desc=f"probe features, {split} (rank {rank})", unit="batch", leave=False, disable=None
                 )
             for batch in iterator:
                 missing = [name for name in ("label", "key") if name not in batch]

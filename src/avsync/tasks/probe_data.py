@@ -310,9 +310,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
             with precision.forward_context():
                 return module.extract_features(batch)
 
-        loader = _rank_share(
-            getattr(self.source, f"{split}_dataloader")(), self.trainer.global_rank, self.trainer.world_size
-        )
+        loader = _rank_share(self._source_loader(split), self.trainer.global_rank, self.trainer.world_size)
         return self.cache.build(
             split,
             components,
@@ -323,6 +321,14 @@ class CachedFeatureDataModule(L.LightningDataModule):
             barrier=strategy.barrier,
             broadcast=strategy.broadcast,
         )
+
+    def _source_loader(self, split: str):
+        """Every clip of the split once: the source's `full_pass_dataloader(split)` where it has one
+        (`AVShardDataModule`: its training loader would shuffle, augment and drop partial batches),
+        else its `<split>_dataloader()`."""
+        if hasattr(self.source, "full_pass_dataloader"):
+            return self.source.full_pass_dataloader(split)
+        return getattr(self.source, f"{split}_dataloader")()
 
     def _prepare_source(self, stage: str) -> None:
         if stage in self._source_ready:

@@ -62,6 +62,8 @@ class RetrievalModule(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.strategies, self.directions = tuple(strategies), tuple(directions)
         self.results: dict | None = None
+        #: `(keys, audio (N, T, D), video (N, T, D))` of the last test epoch, all ranks, each clip once.
+        self.embeddings: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
         self._keys: list[str] = []
         self._audio: list[torch.Tensor] = []
         self._video: list[torch.Tensor] = []
@@ -104,6 +106,7 @@ class RetrievalModule(L.LightningModule):
         if not self._keys:
             raise RuntimeError("the retrieval test set produced no clips")
         keys, audio, video = self._gathered()
+        self.embeddings = (keys, audio, video)
         results = evaluate_all(audio, video, self.strategies, self.directions, top_k=self.hparams.top_k)
         self.results = results
         for name, value in flatten_metrics(results).items():

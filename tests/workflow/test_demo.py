@@ -1,0 +1,64 @@
+"""The demo end to end (in miniature) and the notebooks run top to bottom on its checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+from avsync.loading import load_backbone
+from tests.conftest import SHARED
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_writes_every_task_beside_its_baselines(demo_run):
+    results = json.loads((demo_run.workdir / "results.json").read_text())
+    tasks = {row["task"] for row in results["rows"]}
+    assert {
+        "retrieval V->A diagonal mean",
+        "retrieval A->V block mean",
+        "linear probe (16 x [g_a, g_v])",
+        "sound-prompted segmentation",
+        "temporal segmentation (audio-visual)",
+    } <= tasks
+    for row in results["rows"]:
+        for column in ("trained", "untrained", "chance"):
+            assert 0.0 <= row[column] <= 1.0, row
+    retrieval_chance = [r["chance"] for r in results["rows"] if r["task"].startswith("retrieval") and r["metric"] == "R@1"]
+    assert retrieval_chance and all(c == pytest.approx(1 / 3) for c in retrieval_chance)  # 3 held-out clips
+    assert Path(results["checkpoint"]).is_file()
+    assert "pretrain" in results["timings_s"]
+    table = demo_run.table()
+    assert "trained" in table and "sound-prompted segmentation" in table
+
+
+def test_demo_checkpoint_is_the_trained_tiny_model(demo_run):
+    backbone = load_backbone(demo_run.checkpoint)
+    assert backbone.image_size == 96 and backbone.audio_length == 192 and backbone.embed_dim == 128
+    untrained = type(backbone)(**backbone.config)
+    changed = [
+        name for name, tensor in backbone.state_dict().items() if not torch.equal(tensor, untrained.state_dict()[name])
+    ]
+    assert len(changed) > 0.9 * len(backbone.state_dict())
+
+
+@pytest.mark.parametrize("name", ["retrieval", "localization", "temporal_segmentation"])
+def test_notebook_runs_top_to_bottom(demo_run, name, monkeypatch):
+    monkeypatch.setenv("AVSYNC_DEMO_DIR", str(demo_run.workdir))
+    monkeypatch.setenv("AVSYNC_SHARED", str(SHARED))  # the real clips, when ../shared is there
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}
+    ).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+    assert images, "the notebook shows no figure"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    expected = {"retrieval": "diagonal_mean", "localization": "mAP", "temporal_segmentation": "ARI"}[name]
+    assert expected in text
