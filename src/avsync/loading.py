@@ -76,18 +76,7 @@ def load_backbone(path: str | Path, **authors_kwargs) -> CAVMAESync:
             k[len(BACKBONE_PREFIX) :]: v for k, v in content["state_dict"].items() if k.startswith(BACKBONE_PREFIX)
         }
         return _load_avsync_state(config, strip_prefix(state, "_orig_mod."), source).eval()
-    return load_authors_checkpoint(_with_register_table(content, source), source=source, **authors_kwargs).eval()
-
-
-def _with_register_table(content, source: str) -> dict[str, torch.Tensor]:
-    """The authors' state dict, with an empty `register_tokens` table where it has none (an original
-    CAV-MAE file): the avsync model without registers holds empty `(0, D)` register tensors, which the
-    key conversion fills from that table."""
-    state = strip_prefix(state_dict_of(content, source))
-    if "register_tokens" in state or "patch_embed_a.proj.weight" not in state:
-        return state
-    width = state["patch_embed_a.proj.weight"].shape[0]
-    return {**state, "register_tokens": torch.zeros(0, width)}
+    return load_authors_checkpoint(content, source=source, **authors_kwargs).eval()
 
 
 def resolve_backbone(
@@ -117,7 +106,7 @@ def save_backbone(
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: the export must end in .safetensors (load_backbone tells formats by suffix)")
+        raise ValueError(f"{path}: the export must end in .safetensors (that suffix is how it is recognized)")
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
     description = {
         FORMAT_VERSION_KEY: str(FORMAT_VERSION),
@@ -128,7 +117,11 @@ def save_backbone(
         description["source"] = str(source)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(state, str(partial), metadata=description)
+    try:
+        save_file(state, str(partial), metadata=description)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)  # a killed export never leaves a truncated file under the final name
     if json_sidecar:
         readable = {

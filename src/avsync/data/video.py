@@ -54,10 +54,15 @@ def sample_frames(
         raise ValueError("targets must be ascending")
     reader = _FrameReader(container, path, video_start)
     images, times = [], []
-    for target in targets:
-        frame, time = reader.frame_at(target)
-        images.append(_to_rgb(frame, short_side, path))
-        times.append(float(time))
+    try:
+        for target in targets:
+            frame, time = reader.frame_at(target)
+            images.append(_to_rgb(frame, short_side, path))
+            times.append(float(time))
+    finally:
+        # The decoding generator refers back to its reader: close it now, so no cycle keeps a codec
+        # context alive as garbage that a forked worker might collect (and crash on) later.
+        reader.frames.close()
     return SampledFrames(images=images, times=times)
 
 

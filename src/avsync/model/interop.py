@@ -190,6 +190,8 @@ def convert_authors_state_dict(
             wrong_shape.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[target].shape)}")
         else:
             converted[target] = tensor
+    if model.registers.count == 0 and "register_tokens" not in state:  # original CAV-MAE: no registers
+        converted["registers.audio"], converted["registers.video"] = model.registers.audio, model.registers.video
     missing = sorted(set(expected) - set(converted))
     problems = []
     if missing:

@@ -1,0 +1,103 @@
+"""A video file -> the backbone's inputs, by exactly the path that `avsync prepare` and the shard
+reader take: `extract_video_clip` (frames at `i * D / T` stored as JPEG, whole-clip spectrogram), then
+the evaluation decoder of `AVShardDataModule` (`ClipDecoder`). So embedding a video directly gives the
+same numbers as embedding its prepared shard sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from avsync.data.alignment import AUTHORS_SPECTROGRAM_FRAMES, AlignmentMode
+from avsync.data.clip import ExtractionOptions, extract_video_clip
+from avsync.data.errors import DecodeError
+from avsync.data.samples import ClipDecoder
+from avsync.data.schema import encode_sample, sample_key
+from avsync.data.transforms import AudioWindows, CenterFrame
+
+
+def default_alignment(audio_length: int) -> AlignmentMode:
+    """`authors` for a model whose window is the authors' whole 1024-frame clip (original CAV-MAE): every
+    frame then gets the whole clip's spectrogram, as that model was trained; `clip` (SPEC §1) otherwise."""
+    return "authors" if audio_length >= AUTHORS_SPECTROGRAM_FRAMES else "clip"
+
+
+@dataclass
+class VideoInputs:
+    """One decoded video: `audio (T, L, mel)` windows and `video (T, 3, H, W)` frames, normalized as the
+    model expects, and the clip's metadata (`duration`, `frame_times`, sizes, audio facts)."""
+
+    key: str
+    path: str
+    audio: torch.Tensor
+    video: torch.Tensor
+    metadata: dict
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A video that could not be embedded, and why (for a person reading the report)."""
+
+    path: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+class VideoReader:
+    """Decodes a video file into `VideoInputs` for a backbone of `image_size` and `audio_length`.
+
+    Raises `DecodeError` (naming the file) for anything `prepare` would skip.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        audio_length: int,
+        alignment: AlignmentMode,
+        options: ExtractionOptions | None = None,
+    ) -> None:
+        self.options, self.alignment = options or ExtractionOptions(), alignment
+        self.decoder = ClipDecoder(
+            "eval",
+            self.options.num_frames,
+            image_size,
+            CenterFrame(image_size),
+            AudioWindows(self.options.num_frames, audio_length, alignment),
+        )
+
+    def __call__(self, path: str | Path) -> VideoInputs:
+        clip = extract_video_clip(path, self.options)
+        key = Path(path).stem  # the clip id `prepare` gives the file
+        metadata = {"id": key, "num_frames": self.options.num_frames, **clip.metadata}
+        try:
+            example = self.decoder(encode_sample(sample_key(key), clip.frames, clip.fbank, metadata))
+        except Exception as error:  # a frame that decodes in PyAV but not as a stored JPEG, say
+            cause = error.__cause__ or error
+            raise DecodeError(path, f"decoded but not usable: {type(cause).__name__}: {cause}") from error
+        return VideoInputs(key, str(path), example["audio"], example["video"], clip.metadata)
+
+
+class VideoFiles(Dataset):
+    """`VideoInputs` per path, or the `Failure` that says why not: a batch job skips it and goes on."""
+
+    def __init__(self, paths: Sequence[str | Path], reader: VideoReader) -> None:
+        self.paths, self.reader = [str(p) for p in paths], reader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> VideoInputs | Failure:
+        path = self.paths[index]
+        try:
+            return self.reader(path)
+        except DecodeError as error:
+            return Failure(path, error.reason)
+        except Exception as error:  # a library surprise on odd data: reported like `prepare` does
+            return Failure(path, f"unexpected {type(error).__name__}: {error}")
