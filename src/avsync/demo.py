@@ -180,7 +180,7 @@ def retrieval_rows(workdir: Path, backbones: dict[str, CAVMAESync]) -> list[Row]
 
 def probe_rows(workdir: Path, backbones: dict[str, CAVMAESync], num_classes: int, epochs: int) -> list[Row]:
     from avsync.tasks.probe import ProbeModule
-    from avsync.tasks.probe_data import CachedFeatureDataModule
+    from avsync.tasks.probe.data import CachedFeatureDataModule
 
     scores, labels = {}, None
     for name, backbone in backbones.items():

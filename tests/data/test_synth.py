@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 
 from avsync.data.alignment import frame_times
 from avsync.data.synth import SynthManifest, load_synth, main, synthesize
-from avsync.data.synth_timeline import sample_timeline
+from avsync.data.synth.timeline import sample_timeline
 
 # Small clips: 4 s at 10 fps, 64x64, 2-3 events of at least 1 s, 6 classes.
 SMALL = dict(clips=4, classes=6, duration=4.0, size=64, events=(2, 3), min_event=1.0)

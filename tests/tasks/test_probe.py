@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from avsync.checkpoint_io import CheckpointError
 from avsync.model import CAVMAESync
 from avsync.tasks.probe import ProbeModule
-from avsync.tasks.probe_averaging import EpochWeightAveraging
-from avsync.tasks.probe_cache import FeatureCache
-from avsync.tasks.probe_data import CachedFeatureDataModule, class_balanced_sampler, class_balanced_weights
-from avsync.tasks.probe_objective import metric_targets, mixup, probe_metrics, soft_targets
+from avsync.tasks.probe.averaging import EpochWeightAveraging
+from avsync.tasks.probe.cache import FeatureCache
+from avsync.tasks.probe.data import CachedFeatureDataModule, class_balanced_sampler, class_balanced_weights
+from avsync.tasks.probe.objective import metric_targets, mixup, probe_metrics, soft_targets
 
 SMALL = dict(
     image_size=32, audio_length=32, mel_bins=32, embed_dim=32, num_heads=2, encoder_depth=2,

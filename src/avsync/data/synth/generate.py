@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from avsync.data.synth_classes import SynthClass, class_catalogue
-from avsync.data.synth_clip import ClipRecord, annotation_path, clip_id, mask_path, video_path, write_clip
-from avsync.data.synth_config import SYNTH_VERSION, SynthConfig, parse_fps
+from avsync.data.synth.classes import SynthClass, class_catalogue
+from avsync.data.synth.clip import ClipRecord, annotation_path, clip_id, mask_path, video_path, write_clip
+from avsync.data.synth.config import SYNTH_VERSION, SynthConfig, parse_fps
 
 MANIFEST_NAME = "synth.json"
 MANIFEST_FORMAT = "avsync-synth"

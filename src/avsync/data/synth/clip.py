@@ -17,17 +17,17 @@ import numpy as np
 from PIL import Image
 
 from avsync.data.alignment import frame_times
-from avsync.data.synth_classes import SynthClass, class_catalogue
-from avsync.data.synth_config import SynthConfig
-from avsync.data.synth_mp4 import write_mp4
-from avsync.data.synth_render import (
+from avsync.data.synth.classes import SynthClass, class_catalogue
+from avsync.data.synth.config import SynthConfig
+from avsync.data.synth.mp4 import write_mp4
+from avsync.data.synth.render import (
     background_hiss,
     draw_object,
     place_object,
     render_background,
     render_sound,
 )
-from avsync.data.synth_timeline import Event, sample_timeline
+from avsync.data.synth.timeline import Event, sample_timeline
 
 
 @dataclass(frozen=True)

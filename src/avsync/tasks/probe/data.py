@@ -3,7 +3,7 @@
 It wraps the data module that gives the clips (`source`, e.g. `AVShardDataModule` with
 `train_mode: eval`, so that training clips also carry all T pairs) and the `ProbeModule` being fitted:
 on `setup` each split the stage needs is loaded from the cache, or extracted once with the module's
-frozen backbone and cached (see `probe_cache.py`). Batches are then `{"features" (B, T, W) float16,
+frozen backbone and cached (see `cache.py`). Batches are then `{"features" (B, T, W) float16,
 "label", "key"}`, served from memory; class-balanced sampling is available because the cached
 training set is a map-style dataset.
 
@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRandomSampler
 
 from avsync.data.datamodule import AVShardDataModule
-from avsync.tasks.probe_cache import CachedSplit, FeatureCache
+from avsync.tasks.probe.cache import CachedSplit, FeatureCache
 
 log = logging.getLogger(__name__)
 

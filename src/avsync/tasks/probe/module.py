@@ -2,12 +2,12 @@
 the features of a frozen CAV-MAE Sync backbone.
 
 Two ways to feed it (the module accepts both batch kinds):
-- cached features (`CachedFeatureDataModule`, `probe_data.py`): the backbone runs once over the data,
+- cached features (`CachedFeatureDataModule`, `data.py`): the backbone runs once over the data,
   epochs read `{"features" (B, T, W), "label", "key"}` batches - the fast, recommended path;
 - clips (`AVShardDataModule` with `train_mode: eval`): `{"audio" (B, T, L, mel), "video" (B, T, 3, H, W),
   "label", "key"}`, the backbone runs in every step (for comparison, or for one-off runs).
 
-Weight averaging is the `EpochWeightAveraging` callback (`probe_averaging.py`).
+Weight averaging is the `EpochWeightAveraging` callback (`averaging.py`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from avsync.checkpoint_io import CheckpointError
 from avsync.loading import load_backbone
 from avsync.model import CAVMAESync
 from avsync.tasks.pretrain import warmup_cosine
-from avsync.tasks.probe_features import FrozenBackbone, ProbeModality, ProbeToken, check_options
-from avsync.tasks.probe_head import ProbeHead
-from avsync.tasks.probe_objective import (
+from avsync.tasks.probe.features import FrozenBackbone, ProbeModality, ProbeToken, check_options
+from avsync.tasks.probe.head import ProbeHead
+from avsync.tasks.probe.objective import (
     ProbeTask,
     metric_targets,
     mixup,

@@ -1,0 +1,5 @@
+import sys
+
+from avsync.data.synth.generate import main
+
+sys.exit(main())
