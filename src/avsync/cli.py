@@ -28,14 +28,25 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 
 def lightning_cli(argv: list[str]):
-    """Run LightningCLI on `argv` (`fit --config ...`); model and data are chosen by `class_path`."""
+    """Run LightningCLI on `argv` (`fit --config ...`); model and data are chosen by `class_path`.
+
+    Every run writes checkpoints atomically and turns SIGTERM/SIGUSR1 into a checkpoint and a clean
+    exit (`avsync.training`); a config's own `trainer.plugins` replace the default checkpoint writer.
+    """
     from lightning.pytorch.cli import LightningCLI
+
+    from avsync.training import CheckpointOnSignal
 
     return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            # a class path rather than an instance: the saved config.yaml can then show it
+            "plugins": [{"class_path": "avsync.training.AtomicCheckpointIO"}],
+            "callbacks": [CheckpointOnSignal()],  # always added, whatever the config's callbacks
+        },
     )
 
 

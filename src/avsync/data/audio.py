@@ -5,6 +5,8 @@ memory) and resampled with PyAV's `AudioResampler` (libswresample), keeping the 
 Mono is then taken explicitly: `mean` averages the channels (avsync's default; resampling is linear,
 so this equals resampling the average), `first` keeps channel 0 (what the authors' `sox remix 1`
 did). swresample's own mono downmix is not used because it scales stereo by 1/sqrt(2), not 1/2.
+Resampled frames are packed (interleaved), not planar: PyAV 18 crashes (SIGSEGV) turning a planar
+frame of 8 channels (7.1) into an array.
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ def decode_audio(
 ) -> Waveform:
     """The first audio stream of `container` as a mono waveform at `sample_rate`.
 
-    Raises `DecodeError` when there is no audio stream, nothing decodes, the stream is corrupt, or it
-    runs longer than `max_duration` seconds (decoding stops there, so memory stays bounded).
+    Raises `DecodeError` when there is no audio stream, nothing decodes, the stream is corrupt or
+    decodes to NaN/infinite samples, or it runs longer than `max_duration` seconds (decoding stops
+    there, so memory stays bounded).
     """
     if mono not in ("mean", "first"):
         raise ValueError(f"mono must be 'mean' or 'first', got {mono!r}")
     if not container.streams.audio:
         raise DecodeError(path, "no audio stream")
     stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    resampler = av.AudioResampler(format="flt", rate=sample_rate)
     limit = None if max_duration is None else int(max_duration * sample_rate) + sample_rate
     chunks: list[np.ndarray] = []
     total = 0
@@ -74,8 +77,12 @@ def decode_audio(
         raise DecodeError(path, f"audio stream changes format mid-stream: {error}") from error
     if not chunks or sum(len(c) for c in chunks) == 0:
         raise DecodeError(path, "audio stream has no decodable samples")
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    broken = int(np.count_nonzero(~np.isfinite(samples)))
+    if broken:  # float PCM can carry them; the spectrogram would be NaN throughout
+        raise DecodeError(path, f"audio stream decodes to {broken} NaN or infinite sample(s)")
     return Waveform(
-        samples=np.concatenate(chunks).astype(np.float32, copy=False),
+        samples=samples,
         sample_rate=sample_rate,
         source_sample_rate=int(source_rate or 0),
         source_channels=int(channels or 0),
@@ -93,7 +100,8 @@ def declared_audio_duration(container: av.container.InputContainer) -> float | N
 
 
 def _mono_chunks(frames: list[av.AudioFrame], mono: MonoMode) -> list[np.ndarray]:
-    planes = [frame.to_ndarray() for frame in frames]  # (channels, samples), float32, planar
-    if mono == "first":
-        return [plane[0] for plane in planes]
-    return [plane.mean(axis=0, dtype=np.float32) for plane in planes]
+    chunks = []
+    for frame in frames:  # packed float32: (1, samples * channels) -> (samples, channels)
+        samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
+        chunks.append(samples[:, 0] if mono == "first" else samples.mean(axis=1, dtype=np.float32))
+    return chunks

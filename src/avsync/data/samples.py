@@ -19,6 +19,7 @@ import io
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import PurePosixPath
 from typing import Literal
 
 import torch
@@ -33,7 +34,8 @@ LabelFormat = Literal["multi_hot", "index"]
 
 class ClipDecoder:
     """Callable turning one raw sample into an example dict; raises on anything malformed (the
-    pipeline's handler then skips and counts the sample)."""
+    pipeline's handler then skips and counts the sample): members missing, member names reaching
+    outside the shard (`../`, absolute), undecodable JPEGs or arrays, NaN/inf in the spectrogram."""
 
     def __init__(
         self,
@@ -67,6 +69,13 @@ class ClipDecoder:
             return self._pick(sample)
 
     def _pick(self, sample: dict) -> dict:
+        key = PurePosixPath(str(sample.get("__key__")))
+        if key.is_absolute() or ".." in key.parts:
+            raise ValueError("member names point outside the shard (absolute or '..'): refused")
+        missing = [field for field in (METADATA_FIELD, FBANK_FIELD) if field not in sample]
+        if missing:
+            fields = " or ".join(missing)
+            raise ValueError(f"no {fields} member (a shard cut short, or not written by avsync prepare)")
         metadata = json.loads(sample[METADATA_FIELD])
         stride = self._stride(metadata)
         if self.shape == "train":
@@ -90,6 +99,9 @@ class ClipDecoder:
     def _example(self, sample: dict) -> dict:
         metadata = sample["__metadata__"]
         fbank = torch.from_numpy(decode_npy(sample[FBANK_FIELD])).float()
+        broken = int((~torch.isfinite(fbank)).sum())
+        if broken:
+            raise ValueError(f"spectrogram holds {broken} NaN or infinite value(s)")
         video = frames_to_tensor([self._image(jpeg) for jpeg in sample["__jpegs__"]])
         if self.shape == "train":
             (index,) = sample["__frame_indices__"]

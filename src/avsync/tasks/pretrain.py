@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from avsync.model import CAVMAESync
 from avsync.model.interop import init_from_mae
 from avsync.tasks.visualize import reconstruction_panels
+from avsync.training.nonfinite import NonFiniteLossGuard
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class PretrainModule(L.LightningModule):
         init_from: ImageNet MAE / timm ViT checkpoint to initialize from (a local file).
         log_images_every_n_steps: TensorBoard images of input, masked input and reconstruction (0: off).
         compile: `torch.compile` the backbone.
+        max_nonfinite_steps: a step whose loss is NaN/inf (on any rank) is skipped; this many in a row
+            stop the run with `NonFiniteLossError` (see `avsync.training.nonfinite`).
         backbone_config: constructor arguments of the backbone; filled in when a checkpoint is reloaded.
     """
 
@@ -56,6 +59,7 @@ class PretrainModule(L.LightningModule):
         init_from: str | None = None,
         log_images_every_n_steps: int = 500,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
         backbone_config: dict | None = None,
     ):
         super().__init__()
@@ -65,6 +69,8 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams["backbone_config"] = dict(backbone.config)
         self._step_started: float | None = None
+        self._nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
+        self._skip_step = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -108,6 +114,12 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.backbone.pretrain_loss(batch["audio"], batch["video"])
         batch_size = batch["audio"].shape[0]
+        skip = self._nonfinite.should_skip(out.loss, self.trainer.strategy, self.global_step)
+        self._skip_step = self._skip_step or skip  # one bad micro-batch spoils the accumulated gradient
+        if skip:  # backward still runs on every rank (DDP's all-reduce needs all of them)
+            skipped = float(self._nonfinite.skipped)
+            self.log("train/nonfinite_skipped", skipped, on_step=True, batch_size=batch_size)
+            return out.loss
         self._log_terms("train", out, batch_size, on_step=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=batch_size)
         self._log_throughput(batch_size)
@@ -115,6 +127,11 @@ class PretrainModule(L.LightningModule):
         if every and self.global_step % every == 0:
             self._log_images(batch, out)
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_step:  # no gradients: the optimizer leaves weights and moments as they are
+            optimizer.zero_grad(set_to_none=True)
+        self._skip_step = False
 
     def _log_throughput(self, batch_size: int) -> None:
         now = time.perf_counter()
