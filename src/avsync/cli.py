@@ -37,17 +37,22 @@ def lightning_cli(argv: list[str]):
 
     from avsync.training import CheckpointOnSignal
 
-    return LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            # a class path rather than an instance: the saved config.yaml can then show it
-            "plugins": [{"class_path": "avsync.training.AtomicCheckpointIO"}],
-            "callbacks": [CheckpointOnSignal()],  # always added, whatever the config's callbacks
-        },
-    )
+    program = sys.argv
+    sys.argv = program[:1]  # `argv` is the whole command line; LightningCLI must not see a second one
+    try:
+        return LightningCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                # a class path rather than an instance: the saved config.yaml can then show it
+                "plugins": [{"class_path": "avsync.training.AtomicCheckpointIO"}],
+                "callbacks": [CheckpointOnSignal()],  # always added, whatever the config's callbacks
+            },
+        )
+    finally:
+        sys.argv = program
 
 
 def usage() -> str:
@@ -68,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         lightning_cli(argv)
         return 0
     if command in TOOLS:
+        from avsync.checkpoint_io import CheckpointError
+        from avsync.data.errors import DecodeError
+
         module_name, function_name = TOOLS[command][0].split(":")
-        return int(getattr(importlib.import_module(module_name), function_name)(rest) or 0)
+        try:
+            return int(getattr(importlib.import_module(module_name), function_name)(rest) or 0)
+        except (CheckpointError, DecodeError) as error:  # bad user input: one line, no traceback
+            print(f"avsync {command}: error: {error}", file=sys.stderr)
+            return 2
     print(f"avsync: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2
 

@@ -122,3 +122,22 @@ def test_pretraining_learns_the_correspondence(tmp_path):
         after = module.backbone.pretrain_loss(*(torch.stack([data[i][k] for i in range(64)]) for k in ("audio", "video")))
     assert after.reconstruction < 0.8 * before.reconstruction
     assert after.contrastive < before.contrastive - 0.5
+
+
+def test_warmup_in_steps_when_epochs_have_no_length(tmp_path):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            data = PairedClips(8)
+            return iter(DataLoader(data, batch_size=4))
+
+    module = PretrainModule(CAVMAESync(**SMALL), lr=1e-3, warmup_epochs=1)
+    run = trainer(tmp_path, max_epochs=-1, max_steps=6, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="give warmup_steps instead"):
+        run.fit(module, DataLoader(Stream(), batch_size=None))
+    module = PretrainModule(CAVMAESync(**SMALL), lr=1e-3, warmup_steps=3)
+    run = trainer(tmp_path, max_epochs=-1, max_steps=6, logger=False, enable_checkpointing=False)
+    run.fit(module, DataLoader(Stream(), batch_size=None))
+    assert run.global_step == 6
+    assert run.lr_scheduler_configs[0].scheduler.last_epoch == 6

@@ -198,8 +198,9 @@ class AVShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation clips, or no loader at all (validation is skipped) without `val_shards`."""
+        return self._loader("val") if self.shard_specs["val"] is not None else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")

@@ -37,6 +37,7 @@ class PretrainModule(L.LightningModule):
         optimizer: `adam` (the authors': L2 penalty through the gradient) or `adamw` (decoupled decay).
         fused_optimizer: use the fused Adam kernel where the device supports it.
         warmup_epochs: linear warm-up length, in epochs (fractions allowed), then cosine decay.
+        warmup_steps: the warm-up in optimizer steps instead (for runs whose epochs have no length).
         min_lr: learning rate at the end of the cosine.
         init_from: ImageNet MAE / timm ViT checkpoint to initialize from (a local file).
         log_images_every_n_steps: TensorBoard images of input, masked input and reconstruction (0: off).
@@ -55,6 +56,7 @@ class PretrainModule(L.LightningModule):
         optimizer: Literal["adam", "adamw"] = "adam",
         fused_optimizer: bool = False,
         warmup_epochs: float = 2.5,
+        warmup_steps: int | None = None,
         min_lr: float = 0.0,
         init_from: str | None = None,
         log_images_every_n_steps: int = 500,
@@ -103,12 +105,25 @@ class PretrainModule(L.LightningModule):
                 "(AVShardDataModule(resampled=True, epoch_length=...))"
             )
         total = int(total)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        steps_per_epoch = total / epochs if epochs else max(1, self.trainer.num_training_batches)
-        warmup = max(1, round(self.hparams.warmup_epochs * steps_per_epoch)) if self.hparams.warmup_epochs else 0
         min_ratio = self.hparams.min_lr / self.hparams.lr
+        warmup = self._warmup_steps()
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _warmup_steps(self) -> int:
+        """`warmup_steps`, or `warmup_epochs` times the optimizer steps of one epoch."""
+        if self.hparams.warmup_steps is not None:
+            return self.hparams.warmup_steps
+        if not self.hparams.warmup_epochs:
+            return 0
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "warmup_epochs needs the length of an epoch, which this training data does not have: "
+                "give warmup_steps instead, or use AVShardDataModule(resampled=True, epoch_length=...)"
+            )
+        steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
+        return max(1, round(self.hparams.warmup_epochs * steps_per_epoch))
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
