@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from avsync.model import CAVMAESync
+from avsync.tasks.evaluation_trainer import evaluation_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -128,18 +129,6 @@ def pretrain(config: Path, workdir: Path, epochs: int | None, extra: list[str]) 
     return Path(checkpoint)
 
 
-def quiet_trainer(**overrides) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return L.Trainer(**(options | overrides))
-
-
 # ---------------------------------------------------------------------------------------------- tasks
 def shard_data(workdir: Path, backbone: CAVMAESync, **options):
     from avsync.data.datamodule import AVShardDataModule
@@ -159,7 +148,7 @@ def retrieval_rows(workdir: Path, backbones: dict[str, CAVMAESync]) -> list[Row]
     for name, backbone in backbones.items():
         module = RetrievalModule(backbone, strategies=["diagonal_mean", "block_mean"])
         data = shard_data(workdir, backbone, test_shards=str(workdir / "test"), eval_batch_size=16)
-        quiet_trainer().test(module, datamodule=data, verbose=False)
+        evaluation_trainer(accelerator="cpu").test(module, datamodule=data, verbose=False)
         results[name] = module.results
     clips = int(json.loads((workdir / "test" / "manifest.json").read_text())["counts"]["clips"])
     rows = []
@@ -197,7 +186,7 @@ def probe_rows(workdir: Path, backbones: dict[str, CAVMAESync], num_classes: int
         data = CachedFeatureDataModule(source, cache_dir=str(workdir / "cache" / "probe"), batch_size=32)
         torch.manual_seed(0)
         module = ProbeModule(backbone=backbone, num_classes=num_classes, lr=1e-3, warmup_epochs=1, mixup=0.5)
-        trainer = quiet_trainer(max_epochs=epochs)
+        trainer = evaluation_trainer(accelerator="cpu", max_epochs=epochs)
         trainer.fit(module, datamodule=data)
         scores[name] = trainer.test(module, datamodule=data, verbose=False)[0]["test/mAP"]
         labels = data.splits["test"].labels

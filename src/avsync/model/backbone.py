@@ -26,7 +26,7 @@ from avsync.model.global_token import GlobalTokens
 from avsync.model.joint import JointLayer
 from avsync.model.masking import AudioMaskMode, Masking, mask_from_noise, structure_audio_noise
 from avsync.model.registers import Registers
-from avsync.model.transformer import stack
+from avsync.model.transformer import init_like_authors, stack
 from avsync.objectives import InfoNCE, masked_mse
 
 Modality = Literal["audio", "video"]
@@ -176,17 +176,7 @@ class CAVMAESync(nn.Module):
     def _init_weights(self) -> None:
         """The authors' initialization: xavier-uniform linears (and patch convolutions seen as
         linears), zero biases, unit LayerNorms, N(0, 0.02) modality embeddings and mask token."""
-
-        def init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
-        self.apply(init)
+        self.apply(init_like_authors)
         for tokenizer in (self.audio_tokenizer, self.video_tokenizer):
             weight = tokenizer.patch_embed.proj.weight
             nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))

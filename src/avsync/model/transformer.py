@@ -14,3 +14,15 @@ def encoder_block(dim: int, num_heads: int, mlp_ratio: float = 4.0) -> Block:
 
 def stack(depth: int, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> nn.Sequential:
     return nn.Sequential(*(encoder_block(dim, num_heads, mlp_ratio) for _ in range(depth)))
+
+
+def init_like_authors(module: nn.Module) -> None:
+    """For `Module.apply`: xavier-uniform linears with zero biases, unit LayerNorms (as MAE and the
+    authors' JAX-ViT-style initialization)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

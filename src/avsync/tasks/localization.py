@@ -40,6 +40,7 @@ from avsync.evaluation.localization import (
     normalize_maps,
 )
 from avsync.model import CAVMAESync
+from avsync.tasks.evaluation_trainer import evaluation_trainer
 from avsync.tasks.localization_data import (
     PromptDataset,
     PromptSet,
@@ -206,15 +207,7 @@ def evaluate_localization(
     dataset = PromptDataset(prompts.sources, backbone.image_size, backbone.audio_length, alignment, options)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_prompts)
     module = LocalizationModule(backbone, prompts.class_names, overlays=overlays)
-    settings = dict(
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
-    L.Trainer(**(settings | (trainer_options or {}))).test(module, loader, verbose=False)
+    evaluation_trainer(**(trainer_options or {})).test(module, loader, verbose=False)
     module.skipped = list(prompts.rejected) + module.skipped
     return module
 

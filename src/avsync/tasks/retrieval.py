@@ -28,6 +28,7 @@ from avsync.evaluation.retrieval import (
 from avsync.evaluation.similarity import STRATEGIES, Strategy
 from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
+from avsync.tasks.evaluation_trainer import evaluation_trainer
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         audio_length=module.backbone.audio_length,
     )
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+    trainer = evaluation_trainer(
+        accelerator=args.accelerator, devices=args.devices, precision=precision, enable_progress_bar=True
     )
     trainer.test(module, datamodule=data, verbose=False)
     if trainer.global_rank == 0:

@@ -7,7 +7,7 @@ import torch
 from einops import repeat
 from torch import nn
 
-from avsync.model.transformer import encoder_block
+from avsync.model.transformer import encoder_block, init_like_authors
 
 
 class ProbeHead(nn.Module):
@@ -30,7 +30,7 @@ class ProbeHead(nn.Module):
         self.blocks = nn.Sequential(*(encoder_block(width, num_heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(width)
         self.classifier = nn.Linear(width, num_classes)
-        self.apply(_init)
+        self.apply(init_like_authors)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 3 or features.shape[-1] != self.width:
@@ -39,12 +39,3 @@ class ProbeHead(nn.Module):
         sequence = self.blocks(torch.cat([cls, features], dim=1))
         return self.classifier(self.norm(sequence[:, 0]))
 
-
-def _init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
