@@ -30,6 +30,15 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: faster on tiny tensors, and no stalls when other jobs load the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """A miniature `avsync demo` (synthesize, prepare, `avsync fit` with the tiny config, every task):

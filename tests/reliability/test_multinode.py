@@ -32,6 +32,7 @@ def test_two_nodes_split_shards_share_negatives_agree_on_skips_and_stops_and_sav
         trainer={"num_nodes": 2, "strategy": "ddp", "max_steps": 1000, "max_epochs": 100},  # until stopped
         data={"batch_size": BATCH, "resampled": False},  # fixed mode: every shard read by one rank
         probe={"poison_rank": 1, "poison_step": POISONED_STEP - 1},
+        model={"warmup_steps": 2},  # fixed mode: an epoch has no length to count a warm-up in epochs
     )
     port = free_port()
     nodes, workdirs = [], []

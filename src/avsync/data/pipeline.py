@@ -33,6 +33,7 @@ import torch.utils.data
 import webdataset as wds
 
 from avsync.data.samples import ClipDecoder, collate
+from avsync.data.tar_stream import tarfile_to_samples
 
 
 @dataclass
@@ -152,7 +153,7 @@ def build_pipeline(
         if shuffle:
             stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed))
         stages += [SplitByRank(rank, world_size), wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=handler), wds.map(decoder.pick, handler=handler)]
+    stages += [tarfile_to_samples(handler=handler), wds.map(decoder.pick, handler=handler)]
     if shuffle and shuffle_buffer > 1:
         initial = min(shuffle_buffer, 100)
         stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=initial, seed=seed + 1 + rank))

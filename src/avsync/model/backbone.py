@@ -28,6 +28,7 @@ from avsync.model.masking import AudioMaskMode, Masking, mask_from_noise, struct
 from avsync.model.registers import Registers
 from avsync.model.transformer import init_like_authors, stack
 from avsync.objectives import InfoNCE, masked_mse
+from avsync.onednn import use_onednn_linears
 
 Modality = Literal["audio", "video"]
 
@@ -156,6 +157,7 @@ class CAVMAESync(nn.Module):
         )
         self.contrastive = InfoNCE(temperature, bidirectional_contrast)
         self._init_weights()
+        use_onednn_linears(self)  # float32 CPU products on oneDNN: twice MKL's speed on AMD (onednn.py)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

@@ -28,6 +28,23 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adam_optimizer(
+    parameters: list[torch.nn.Parameter],
+    kind: Literal["adam", "adamw"] = "adam",
+    lr: float = 2e-4,
+    betas: tuple[float, float] = (0.95, 0.999),
+    weight_decay: float = 5e-7,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
+    """Adam or AdamW over `parameters`; `fused=None` takes the fused kernel on CPU and CUDA, where
+    PyTorch has one (at ViT-B size on CPU it is several times faster than the multi-tensor default)."""
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+    optimizer_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    options = {"fused": True} if fused else {}
+    return optimizer_class(parameters, lr=lr, betas=betas, weight_decay=weight_decay, **options)
+
+
 class PretrainModule(L.LightningModule):
     """Trains a `CAVMAESync` backbone on batches of one aligned frame/window pair per clip.
 
@@ -35,13 +52,14 @@ class PretrainModule(L.LightningModule):
         backbone: the model to train (defaults to the paper's ViT-B).
         lr, weight_decay, betas: Adam settings (supplementary Table 9).
         optimizer: `adam` (the authors': L2 penalty through the gradient) or `adamw` (decoupled decay).
-        fused_optimizer: use the fused Adam kernel where the device supports it.
+        fused_optimizer: the fused (single-kernel) Adam; None: on CPU and CUDA, where PyTorch has it
+            (see `adam_optimizer` and `BENCHMARKS.md`), unless fp16 mixed precision must clip gradients.
         warmup_epochs: linear warm-up length, in epochs (fractions allowed), then cosine decay.
         warmup_steps: the warm-up in optimizer steps instead (for runs whose epochs have no length).
         min_lr: learning rate at the end of the cosine.
         init_from: ImageNet MAE / timm ViT checkpoint to initialize from (a local file).
         log_images_every_n_steps: TensorBoard images of input, masked input and reconstruction (0: off).
-        compile: `torch.compile` the backbone.
+        compile: `torch.compile` the backbone (training and validation passes; see `BENCHMARKS.md`).
         max_nonfinite_steps: a step whose loss is NaN/inf (on any rank) is skipped; this many in a row
             stop the run with `NonFiniteLossError` (see `avsync.training.nonfinite`).
         backbone_config: constructor arguments of the backbone; filled in when a checkpoint is reloaded.
@@ -54,7 +72,7 @@ class PretrainModule(L.LightningModule):
         weight_decay: float = 5e-7,
         betas: tuple[float, float] = (0.95, 0.999),
         optimizer: Literal["adam", "adamw"] = "adam",
-        fused_optimizer: bool = False,
+        fused_optimizer: bool | None = None,
         warmup_epochs: float = 2.5,
         warmup_steps: int | None = None,
         min_lr: float = 0.0,
@@ -88,14 +106,16 @@ class PretrainModule(L.LightningModule):
             self._compiled = True
 
     def configure_optimizers(self):
-        optimizer_class = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
-        options = {"fused": True} if self.hparams.fused_optimizer else {}
-        optimizer = optimizer_class(
+        fused = self.hparams.fused_optimizer
+        if fused is None and self.trainer.precision == "16-mixed" and self.trainer.gradient_clip_val:
+            fused = False  # Lightning cannot clip a fused optimizer's gradients under fp16 loss scaling
+        optimizer = adam_optimizer(
             [p for p in self.backbone.parameters() if p.requires_grad],
+            kind=self.hparams.optimizer,
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
             weight_decay=self.hparams.weight_decay,
-            **options,
+            fused=fused,
         )
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
@@ -127,7 +147,7 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.backbone.pretrain_loss(batch["audio"], batch["video"])
+        out = self.backbone(batch["audio"], batch["video"])  # through __call__: compiled with `compile`
         batch_size = batch["audio"].shape[0]
         skip = self._nonfinite.should_skip(out.loss, self.trainer.strategy, self.global_step)
         self._skip_step = self._skip_step or skip  # one bad micro-batch spoils the accumulated gradient
@@ -196,7 +216,8 @@ class PretrainModule(L.LightningModule):
         else:
             pair_audio, pair_video = audio, video
         noise = self.backbone.draw_noise(pair_audio.shape[0], torch.device("cpu"), generator)
-        out = self.backbone.pretrain_loss(pair_audio, pair_video, *(n.to(audio.device) for n in noise))
+        noise_a, noise_v = (n.to(audio.device) for n in noise)
+        out = self.backbone(pair_audio, pair_video, noise_a=noise_a, noise_v=noise_v)
         self._log_terms("val", out, pair_audio.shape[0], on_step=False)
         if video.ndim == 5 and video.shape[0] > 1:
             embeddings = self.backbone.encode(audio, video)

@@ -1,0 +1,250 @@
+"""Benchmark 3c: the data path - `prepare` per clip, and the shard loader per worker on one core.
+
+`prepare`: one clip decoded into its shard sample (what a `prepare` worker process does per clip: PyAV
+decoding of the 16 frames and the audio, JPEG encoding, the Kaldi fbank), on the real 144p and 720p
+clips of `../shared/data/videos` when they are there.
+
+`loader`: `AVShardDataModule`'s pipeline on one core, augmentation off, 224 px, ViT-B window length:
+training samples/s (one frame and its window per clip) and evaluation clips/s (all 16 pairs). Shards are
+made of the real clips prepared by `avsync prepare` (repeated under new keys), or of synthetic 256-px
+samples when the clips are absent. Measured twice: iterating the pipeline in this process (the decode
+work of one worker, comparable to a per-sample `__getitem__` loop) and through a real `DataLoader`
+with one worker process pinned to one core (adds the hand-over of batches to the main process). In
+this process the loader as it was before this package's data-path optimizations is timed interleaved
+with the current one (`reference_data_path`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from avsync.bench.harness import interleaved_medians, peak_rss_mib, pin_to_one_core, time_runs
+from avsync.data.clip import ExtractionOptions
+from avsync.data.datamodule import AVShardDataModule
+from avsync.data.images import encode_jpeg
+from avsync.data.prepare import WorkItem, prepare, process
+from avsync.data.schema import encode_sample, stable_json
+from avsync.data.shard_writer import ShardWriter
+from avsync.data.sources import discover
+
+#: The real clips, as `tests` find them: `../shared/data/videos` relative to the repository root.
+REAL_CLIPS = {
+    "144p": "00W1lcxW-WU_40.000.mp4",
+    "720p": "KlsG1EnBEjc_000361.mp4",
+}
+
+
+def real_clips_dir() -> Path | None:
+    """`../shared/data/videos` beside the repository (or from the working directory), if present."""
+    candidates = [Path(__file__).resolve().parents[3].parent / "shared" / "data" / "videos"]
+    candidates.append(Path.cwd().parent / "shared" / "data" / "videos")
+    return next(
+        (path for path in candidates if all((path / name).is_file() for name in REAL_CLIPS.values())), None
+    )
+
+
+# ------------------------------------------------------------------------------------------ prepare
+def prepare_throughput(repeats: int = 3, videos: str | None = None) -> dict:
+    """Clips/s of one `prepare` worker on one core, per real clip."""
+    directory = Path(videos) if videos else real_clips_dir()
+    if directory is None:
+        return {"skipped": "the real clips (../shared/data/videos) are not present"}
+    core = pin_to_one_core()
+    options = ExtractionOptions()
+    result: dict = {"core": core}
+    sources = {Path(source.path).name: source for source in discover([directory]).sources}
+    for label, name in REAL_CLIPS.items():
+        item = WorkItem(sources[name], (), ())
+        outcome = process(item, options)
+        if outcome.failure is not None:
+            raise RuntimeError(f"{name}: {outcome.failure['reason']}")
+        timing = time_runs(lambda item=item: process(item, options), repeats)
+        result[label] = {"clip": name, "clips_per_s": round(1 / timing.median, 2), **timing.as_dict()}
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- shards
+def make_shard(directory: Path, samples: int, source: str = "auto", seed: int = 0) -> tuple[str, str]:
+    """`(path, description)` of one shard of `samples` clips written in `directory` by `prepare`'s own
+    `ShardWriter`: the real clips prepared and repeated under new keys, or (`source="synthetic"`, or no
+    real clips) synthetic 455x256 JPEG frames and 10-s spectrograms."""
+    videos = real_clips_dir() if source in ("auto", "real") else None
+    if source == "real" and videos is None:
+        raise FileNotFoundError("the real clips (../shared/data/videos) are not present")
+    directory.mkdir(parents=True, exist_ok=True)
+    templates = _prepared_samples(videos, directory / "prepared") if videos else _synthetic_samples(seed)
+    writer = ShardWriter(directory, 0, None, None)
+    for index in range(samples):
+        template = templates[index % len(templates)]
+        key = f"clip{index:06d}"
+        metadata = {**json.loads(template["json"]), "id": key, "key": key}
+        writer.write({**template, "__key__": key, "json": stable_json(metadata)})
+    record = writer.finish()
+    described = "real clips (144p and 720p), prepared" if videos else "synthetic 455x256 frames"
+    return str(directory / record.name), described
+
+
+def _prepared_samples(videos: Path, output: Path) -> list[dict]:
+    summary = prepare([videos], output, workers=1, progress=False)
+    samples: dict[str, dict] = {}
+    with tarfile.open(output / summary.shards[0].name) as archive:
+        for member in archive:
+            key, field = member.name.split(".", 1)
+            samples.setdefault(key, {})[field] = archive.extractfile(member).read()
+    return list(samples.values())
+
+
+def _synthetic_samples(seed: int, count: int = 2, frames: int = 16) -> list[dict]:
+    generator = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        base = generator.integers(
+            0, 256, size=(8, 15, 3), dtype=np.uint8
+        )  # smooth content compresses like video
+        jpegs = []
+        for frame in range(frames):
+            image = Image.fromarray(np.roll(base, frame, axis=1)).resize((455, 256), Image.Resampling.BICUBIC)
+            jpegs.append(encode_jpeg(image))
+        fbank = generator.normal(-5.0, 4.0, size=(1000, 128)).astype(np.float16)
+        metadata = {"id": f"synthetic{index}", "num_frames": frames, "labels": [index], "duration": 10.0}
+        samples.append(encode_sample(f"synthetic{index}", jpegs, fbank, metadata))
+    return [{name: value for name, value in sample.items() if name != "__key__"} for sample in samples]
+
+
+# ------------------------------------------------------------------------------------------- loader
+def _datamodule(shard: str, batch_size: int, eval_batch_size: int, num_workers: int) -> AVShardDataModule:
+    module = AVShardDataModule(
+        train_shards=shard, val_shards=shard, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        num_workers=num_workers, image_size=224, audio_length=416, num_classes=527,
+        random_resized_crop=False, horizontal_flip=False, shuffle_buffer=100,
+    )  # fmt: skip
+    module.setup("fit")
+    return module
+
+
+def _count(batches) -> int:
+    return sum(batch["video"].shape[0] for batch in batches)
+
+
+def _stack_collate(examples: list[dict]) -> dict:
+    names = ("audio", "video", "label", "frame_index")
+    return {
+        **{name: torch.stack([e[name] for e in examples]) for name in names},
+        "key": [e["key"] for e in examples],
+    }
+
+
+@contextlib.contextmanager
+def reference_data_path() -> Iterator[None]:
+    """The loader as it was before the benchmark work: webdataset's `tarfile`-based reader, a full
+    `isfinite` count of every spectrogram, batches stacked by `torch.stack`."""
+    with (
+        mock.patch("avsync.data.pipeline.tarfile_to_samples", wds.tarfile_to_samples),
+        mock.patch(
+            "avsync.data.samples._count_non_finite", lambda values: int((~torch.isfinite(values)).sum())
+        ),
+        mock.patch("avsync.data.pipeline.collate", _stack_collate),
+    ):
+        yield
+
+
+def _pass_before(module: AVShardDataModule, split: str) -> int:
+    with reference_data_path():
+        return _count(module.pipeline(split))
+
+
+def loader_throughput(
+    train_samples: int = 512,
+    eval_clips: int = 64,
+    repeats: int = 3,
+    source: str = "auto",
+    batch_size: int = 16,
+    eval_batch_size: int = 4,
+    dataloader_worker: bool = True,
+) -> dict:
+    """Training samples/s and evaluation clips/s of one worker on one core (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        train_shard, described = make_shard(Path(scratch) / "train", train_samples, source)
+        eval_shard, _ = make_shard(Path(scratch) / "eval", eval_clips, source)
+        core = pin_to_one_core()
+        train = _datamodule(train_shard, batch_size, eval_batch_size, 0)
+        evaluation = _datamodule(eval_shard, batch_size, eval_batch_size, 0)
+        in_process = {
+            "train": interleaved_medians(
+                {
+                    "before": lambda: _pass_before(train, "train"),
+                    "avsync": lambda: _count(train.pipeline("train")),
+                },
+                repeats,
+            ),
+            "eval": interleaved_medians(
+                {
+                    "before": lambda: _pass_before(evaluation, "val"),
+                    "avsync": lambda: _count(evaluation.pipeline("val")),
+                },
+                repeats,
+            ),
+        }
+        result: dict = {
+            "shards": described,
+            "core": core,
+            "image_size": 224,
+            "audio_length": 416,
+            "augmentation": "off",
+            "in_process": {
+                "train_samples_per_s": round(train_samples / in_process["train"]["avsync"].median, 1),
+                "eval_clips_per_s": round(eval_clips / in_process["eval"]["avsync"].median, 1),
+                "before_train_samples_per_s": round(train_samples / in_process["train"]["before"].median, 1),
+                "before_eval_clips_per_s": round(eval_clips / in_process["eval"]["before"].median, 1),
+                "train": in_process["train"]["avsync"].as_dict(),
+                "eval": in_process["eval"]["avsync"].as_dict(),
+            },
+        }
+        if dataloader_worker and (os.cpu_count() or 1) > 1:
+            result["dataloader_worker"] = _through_a_worker(
+                train_shard, eval_shard, train_samples, eval_clips, repeats, batch_size, eval_batch_size, core
+            )
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return result
+
+
+def _through_a_worker(
+    train_shard: str, eval_shard: str, train_samples: int, eval_clips: int, repeats: int,
+    batch_size: int, eval_batch_size: int, core: int,
+) -> dict:  # fmt: skip
+    """The same passes through `DataLoader(num_workers=1)`: the worker on `core`, this process on another."""
+    others = set(range(os.cpu_count() or 1)) - {core}
+    os.sched_setaffinity(0, others)
+    rates = {}
+    for split, shard, count in (("train", train_shard, train_samples), ("val", eval_shard, eval_clips)):
+        module = _datamodule(shard, batch_size, eval_batch_size, 1)
+        loader = torch.utils.data.DataLoader(
+            module.pipeline(split), batch_size=None, num_workers=1, persistent_workers=True,
+            worker_init_fn=_WorkerOnCore(core),
+        )  # fmt: skip
+        timing = time_runs(lambda loader=loader: _count(loader), repeats)
+        rates[split] = round(count / timing.median, 1)
+    os.sched_setaffinity(0, {core})
+    return {"train_samples_per_s": rates["train"], "eval_clips_per_s": rates["val"]}
+
+
+class _WorkerOnCore:
+    def __init__(self, core: int):
+        self.core = core
+
+    def __call__(self, worker_id: int) -> None:
+        os.sched_setaffinity(0, {self.core})
+        torch.set_num_threads(1)

@@ -1,0 +1,176 @@
+"""The benchmarks `make bench` runs: what each measures, with which settings (full and `--quick`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """`function` (a `module:name` path, imported in the benchmark's own process) with its full and
+    quick keyword arguments, and environment variables for that process."""
+
+    function: str
+    full: dict = field(default_factory=dict)
+    quick: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    gpu_only: bool = False
+    description: str = ""
+
+    def resolve(self) -> Callable[..., dict]:
+        import importlib
+
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+SUITE: dict[str, Benchmark] = {
+    "pretrain": Benchmark(
+        "avsync.bench.pretrain:pretrain_step",
+        full={"steps": 5},
+        quick={"steps": 2},
+        description="ViT-B pretraining step, batch 8, fp32 and bf16 autocast, CPU",
+    ),
+    "pretrain_gpu": Benchmark(
+        "avsync.bench.pretrain:pretrain_step",
+        full={"steps": 20, "warmup": 3, "device": "cuda", "profile": False},
+        quick={"steps": 5, "warmup": 2, "device": "cuda", "profile": False},
+        gpu_only=True,
+        description="ViT-B pretraining step, batch 8, fp32 and bf16 autocast, GPU",
+    ),
+    "pretrain_ablation": Benchmark(
+        "avsync.bench.pretrain:pretrain_ablation",
+        full={"steps": 4, "compile": ["fp32", "bf16"]},
+        quick={"steps": 2, "precisions": ["bf16"]},
+        description="each CPU optimization of the training step, interleaved with the step before it",
+    ),
+    "inference": Benchmark(
+        "avsync.bench.inference:feature_extraction",
+        full={"clips": 2, "repeats": 3},
+        quick={"clips": 1, "repeats": 1, "compare_sdpa": False},
+        description="feature extraction (encode), bf16, 16 pairs per clip",
+    ),
+    "retrieval": Benchmark(
+        "avsync.bench.retrieval:time_evaluation",
+        full={"repeats": 5},
+        quick={"repeats": 2},
+        description="1,520 clips x 16 x 768, all four strategies, both directions",
+    ),
+    "gallery": Benchmark(
+        "avsync.bench.retrieval:time_gallery",
+        full={"repeats": 1},
+        quick={"num_clips": 20_000},
+        description="100,000-clip gallery, diagonal mean, top-10, 16 x 16 tokens",
+    ),
+    "gallery_768": Benchmark(
+        "avsync.bench.retrieval:time_gallery_projection",
+        full={"subset_clips": 8000},
+        quick={"subset_clips": 2000},
+        description="the gallery at 16 x 768 tokens: measured on a subset, projected to 100,000 clips",
+    ),
+    "probe": Benchmark(
+        "avsync.bench.probe:probing_epochs",
+        full={"clips": 8, "cached_epochs": 5},
+        quick={"clips": 4, "batch_size": 2, "cached_epochs": 3},
+        description="a probing epoch (ViT-B, bf16) with and without the feature cache",
+    ),
+    "prepare": Benchmark(
+        "avsync.bench.data:prepare_throughput",
+        full={"repeats": 3},
+        quick={"repeats": 1},
+        description="`prepare`, one worker on one core, per real clip",
+    ),
+    "loader": Benchmark(
+        "avsync.bench.data:loader_throughput",
+        full={"train_samples": 512, "eval_clips": 64, "repeats": 3},
+        quick={"train_samples": 128, "eval_clips": 16, "repeats": 1},
+        description="shard loader, one worker on one core, augmentation off, 224 px",
+    ),
+    "loader_thp": Benchmark(
+        "avsync.bench.data:loader_throughput",
+        full={"train_samples": 512, "eval_clips": 64, "repeats": 3, "dataloader_worker": False},
+        quick={"train_samples": 128, "eval_clips": 16, "repeats": 1, "dataloader_worker": False},
+        env={"THP_MEM_ALLOC_ENABLE": "1"},
+        description="the loader with PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE=1)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A number from issue 6 and how to read the measured value out of the results."""
+
+    name: str
+    goal: str
+    measured: Callable[[dict], float | None]
+    met: Callable[[float], bool]
+    unit: str = ""
+
+
+def _get(results: dict, *path, default=None):
+    value = results
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return default
+        value = value[key]
+    return value
+
+
+FOUR_GB_IN_GIB = 4 * 1000**3 / 2**30
+
+
+def _full_gallery(results: dict, name: str, scale: float = 1.0) -> float | None:
+    """A value of the gallery benchmark, only when it ran at the target's 100,000 clips."""
+    if _get(results, "gallery", "clips") != 100_000:
+        return None
+    return _get(results, "gallery", name) * scale
+
+
+TARGETS: list[Target] = [
+    Target(
+        "ViT-B step, fp32, CPU", ">= 1.6 samples/s",
+        lambda r: _get(r, "pretrain", "precisions", "fp32", "samples_per_s"), lambda v: v >= 1.6, "samples/s",
+    ),
+    Target(
+        "ViT-B step, bf16 autocast, CPU", ">= 6 samples/s",
+        lambda r: _get(r, "pretrain", "precisions", "bf16", "samples_per_s"), lambda v: v >= 6.0, "samples/s",
+    ),
+    Target(
+        "model FLOPs per sample, counted as the reference design", "126.7 GFLOP (no skipped work)",
+        lambda r: _get(r, "pretrain", "flop_counter_sdpa_gflop_per_sample"),
+        lambda v: abs(v - 126.7) < 0.1, "GFLOP",
+    ),
+    Target(
+        "probing epoch, cached vs backbone", ">= 20x faster",
+        lambda r: _get(r, "probe", "speedup"), lambda v: v >= 20, "x",
+    ),
+    Target(
+        "loader, training samples/s per worker", ">= 560",
+        lambda r: _get(r, "loader", "in_process", "train_samples_per_s"), lambda v: v >= 560, "samples/s",
+    ),
+    Target(
+        "loader, eval clips/s per worker", ">= 66",
+        lambda r: _get(r, "loader", "in_process", "eval_clips_per_s"), lambda v: v >= 66, "clips/s",
+    ),
+    Target(
+        "retrieval 1,520 x 16 x 768, 4 strategies x 2 directions", "< 1 s",
+        lambda r: _get(r, "retrieval", "all_strategies_both_directions_s"), lambda v: v < 1.0, "s",
+    ),
+    Target(
+        "100,000-clip gallery, 16 x 16 tokens", "< 60 s",
+        lambda r: _full_gallery(r, "diagonal_mean_topk_s"), lambda v: v < 60, "s",
+    ),
+    Target(
+        "100,000-clip gallery, 16 x 16 tokens, memory", "< 4 GB",
+        lambda r: _full_gallery(r, "peak_rss_mib", 1 / 1024), lambda v: v < FOUR_GB_IN_GIB, "GiB",
+    ),
+    Target(
+        "100,000-clip gallery, 16 x 768 tokens (projected)", "< 60 s",
+        lambda r: _get(r, "gallery_768", "projected_s"), lambda v: v < 60, "s",
+    ),
+    Target(
+        "100,000-clip gallery, 16 x 768 tokens, float32 tokens alone", "< 4 GB",
+        lambda r: _get(r, "gallery_768", "projected_float32_tokens_gib"), lambda v: v < FOUR_GB_IN_GIB, "GiB",
+    ),
+]  # fmt: skip
