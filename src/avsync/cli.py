@@ -1,9 +1,9 @@
 """The `avsync` command: LightningCLI for training runs, plain subcommands for the tools around them.
 
-    avsync fit --config configs/pretrain/tiny_cpu.yaml      # also validate | test | predict
-    avsync prepare VIDEOS OUT ...                            # raw videos -> WebDataset shards
-    avsync synth OUT --clips N --classes K                   # synthetic audio-visual clips
-    avsync demo                                              # the end-to-end CPU demo
+avsync fit --config configs/pretrain/tiny_cpu.yaml      # also validate | test | predict
+avsync prepare VIDEOS OUT ...                            # raw videos -> WebDataset shards
+avsync synth OUT --clips N --classes K                   # synthetic audio-visual clips
+avsync demo                                              # the end-to-end CPU demo
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "synth": ("avsync.data.synth:main", "synthetic audio-visual clips with ground truth"),
     "retrieve": ("avsync.tasks.retrieval:main", "zero-shot audio-visual retrieval (R@1/5/10, median rank)"),
     "localize": ("avsync.tasks.localization:main", "sound-prompted segmentation heat maps and metrics"),
-    "segment": ("avsync.tasks.segmentation:main", "temporal segmentation of one video into audio-visual events"),
+    "segment": (
+        "avsync.tasks.segmentation:main",
+        "temporal segmentation of one video into audio-visual events",
+    ),
     "embed": ("avsync.api:embed_main", "videos -> per-time-step embeddings (npz or parquet)"),
     "export": ("avsync.api:export_main", "a checkpoint -> backbone weights + config as safetensors"),
     "demo": ("avsync.demo:main", "synthesize, prepare, pretrain and evaluate the tiny model on CPU"),
@@ -57,7 +60,9 @@ def lightning_cli(argv: list[str]):
 
 def usage() -> str:
     lines = ["usage: avsync COMMAND [ARGS]", "", "training (LightningCLI; see `avsync fit --help`):"]
-    lines += [f"  {name:<10} {name} with a config: avsync {name} --config FILE.yaml" for name in TRAINER_COMMANDS]
+    lines += [
+        f"  {name:<10} {name} with a config: avsync {name} --config FILE.yaml" for name in TRAINER_COMMANDS
+    ]
     lines += ["", "tools:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in TOOLS.items()]
     return "\n".join(lines)

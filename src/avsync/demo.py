@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
@@ -41,7 +40,11 @@ class Row:
     chance: float
 
     def cells(self) -> list[str]:
-        return [self.task, self.metric, *(f"{100 * v:6.1f}" for v in (self.trained, self.untrained, self.chance))]
+        return [
+            self.task,
+            self.metric,
+            *(f"{100 * v:6.1f}" for v in (self.trained, self.untrained, self.chance)),
+        ]
 
 
 @dataclass
@@ -55,7 +58,12 @@ class DemoRun:
         header = ["task", "metric", "trained", "untrained", "chance"]
         cells = [header, *(row.cells() for row in self.rows)]
         widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
+            for line in cells
+        ]
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join(lines) + "\n(all values in %; held-out synthetic clips)"
 
@@ -125,7 +133,9 @@ def pretrain(config: Path, workdir: Path, epochs: int | None, extra: list[str]) 
     cli = lightning_cli(args + extra)
     checkpoint = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
     if not checkpoint:
-        raise RuntimeError("pretraining wrote no checkpoint (the config needs a ModelCheckpoint with save_last)")
+        raise RuntimeError(
+            "pretraining wrote no checkpoint (the config needs a ModelCheckpoint with save_last)"
+        )
     return Path(checkpoint)
 
 
@@ -204,17 +214,39 @@ def localization_rows(synth_dir: Path, backbones: dict[str, CAVMAESync]) -> list
     for name, backbone in backbones.items():
         module = evaluate_localization(backbone, prompts, batch_size=16, overlays=0)
         results[name] = module.result
-    chance = float(np.mean([s.positive_rate for n, s in results["trained"].per_class.items() if n not in results["trained"].undefined]))
+    chance = float(
+        np.mean(
+            [
+                s.positive_rate
+                for n, s in results["trained"].per_class.items()
+                if n not in results["trained"].undefined
+            ]
+        )
+    )
     return [
-        Row("sound-prompted segmentation", "mAP", results["trained"].mean_ap, results["untrained"].mean_ap, chance),
-        Row("sound-prompted segmentation", "mIoU", results["trained"].mean_iou, results["untrained"].mean_iou, chance),
+        Row(
+            "sound-prompted segmentation",
+            "mAP",
+            results["trained"].mean_ap,
+            results["untrained"].mean_ap,
+            chance,
+        ),
+        Row(
+            "sound-prompted segmentation",
+            "mIoU",
+            results["trained"].mean_iou,
+            results["untrained"].mean_iou,
+            chance,
+        ),
     ]
 
 
 def segmentation_rows(synth_dir: Path, backbones: dict[str, CAVMAESync]) -> list[Row]:
     from avsync.tasks.segmentation import synth_segmentation_ari
 
-    scores = {name: synth_segmentation_ari(backbone, synth_dir, "test") for name, backbone in backbones.items()}
+    scores = {
+        name: synth_segmentation_ari(backbone, synth_dir, "test") for name, backbone in backbones.items()
+    }
     return [Row("temporal segmentation (audio-visual)", "ARI", scores["trained"], scores["untrained"], 0.0)]
 
 
@@ -256,10 +288,21 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="avsync demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("shards/demo"), help="data, runs and results (default: %(default)s)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="pretraining config (default: the tiny CPU one)")
-    parser.add_argument("--clips", type=int, default=320, help="synthetic clips, 20%% held out (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="avsync demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("shards/demo"),
+        help="data, runs and results (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="pretraining config (default: the tiny CPU one)"
+    )
+    parser.add_argument(
+        "--clips", type=int, default=320, help="synthetic clips, 20%% held out (default: %(default)s)"
+    )
     parser.add_argument("--classes", type=int, default=8, help="synthetic classes (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the config's)")
     parser.add_argument("--probe-epochs", type=int, default=20)
@@ -267,11 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes for synthesis and preparation")
     args, fit_args = parser.parse_known_args(argv)
     if not args.config.is_file():
-        parser.error(f"{args.config}: no such config (run the demo from the repository root, or pass --config)")
+        parser.error(
+            f"{args.config}: no such config (run the demo from the repository root, or pass --config)"
+        )
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     run = run_demo(
-        args.workdir, args.config, args.clips, args.classes, args.epochs, args.probe_epochs, args.seed, args.workers, fit_args
+        args.workdir,
+        args.config,
+        args.clips,
+        args.classes,
+        args.epochs,
+        args.probe_epochs,
+        args.seed,
+        args.workers,
+        fit_args,
     )
     print()
     print(run.table())

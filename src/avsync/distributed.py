@@ -28,7 +28,7 @@ class _GatherWithGrad(torch.autograd.Function):
         padded[: tensor.shape[0]] = tensor
         gathered = [torch.empty_like(padded) for _ in range(world_size)]
         dist.all_gather(gathered, padded.contiguous())
-        return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+        return torch.cat([part[:size] for part, size in zip(gathered, sizes, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from avsync.checkpoint_io import CheckpointError, read_weights, state_dict_of
+from avsync.checkpoint_io import CheckpointError, read_weights
 from avsync.model import CAVMAESync
 from avsync.model.interop import load_authors_checkpoint, strip_prefix
 
@@ -34,14 +34,21 @@ def _load_avsync_state(config: dict, state: dict[str, torch.Tensor], source: str
     try:
         model = CAVMAESync(**config)
     except TypeError as error:
-        raise CheckpointError(f"{source}: backbone config does not fit this avsync version: {error}") from error
+        raise CheckpointError(
+            f"{source}: backbone config does not fit this avsync version: {error}"
+        ) from error
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"{source}: weights do not fit the backbone: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
+            f"{source}: weights do not fit the backbone: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {wrong}"
         )
     model.load_state_dict(state)
     return model
@@ -58,7 +65,9 @@ def load_backbone(path: str | Path, **authors_kwargs) -> CAVMAESync:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if CONFIG_METADATA_KEY not in metadata:
-            raise CheckpointError(f"{source}: safetensors file without an avsync backbone config in its metadata")
+            raise CheckpointError(
+                f"{source}: safetensors file without an avsync backbone config in its metadata"
+            )
         version = metadata.get(FORMAT_VERSION_KEY, str(FORMAT_VERSION))
         if not version.isdigit() or int(version) > FORMAT_VERSION:
             raise CheckpointError(
@@ -73,7 +82,9 @@ def load_backbone(path: str | Path, **authors_kwargs) -> CAVMAESync:
         if config is None:
             raise CheckpointError(f"{source}: Lightning checkpoint without a backbone_config hyper-parameter")
         state = {
-            k[len(BACKBONE_PREFIX) :]: v for k, v in content["state_dict"].items() if k.startswith(BACKBONE_PREFIX)
+            k[len(BACKBONE_PREFIX) :]: v
+            for k, v in content["state_dict"].items()
+            if k.startswith(BACKBONE_PREFIX)
         }
         return _load_avsync_state(config, strip_prefix(state, "_orig_mod."), source).eval()
     return load_authors_checkpoint(content, source=source, **authors_kwargs).eval()

@@ -25,7 +25,10 @@ def main(inputs_path: str, out_path: str) -> None:
     local = inputs["audio"].shape[0] // world
     part = slice(rank * local, (rank + 1) * local)
     out = model(
-        inputs["audio"][part], inputs["video"][part], noise_a=inputs["noise_a"][part], noise_v=inputs["noise_v"][part]
+        inputs["audio"][part],
+        inputs["video"][part],
+        noise_a=inputs["noise_a"][part],
+        noise_v=inputs["noise_v"][part],
     )
     out.loss.backward()
     terms = torch.stack([out.loss, out.contrastive, out.contrastive_accuracy]).detach()
@@ -33,7 +36,9 @@ def main(inputs_path: str, out_path: str) -> None:
     terms /= world
     if rank == 0:
         grads = {name: p.grad for name, p in model.module.named_parameters()}
-        torch.save({"loss": terms[0], "contrastive": terms[1], "accuracy": terms[2], "grads": grads}, out_path)
+        torch.save(
+            {"loss": terms[0], "contrastive": terms[1], "accuracy": terms[2], "grads": grads}, out_path
+        )
     dist.barrier()
     dist.destroy_process_group()
 

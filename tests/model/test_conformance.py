@@ -98,7 +98,9 @@ def test_joint_pass_norms_feed_only_the_decoder(fixture, released):
     state = dict(fixture["state_dict"])
     state["blocks_u.0.norm1.weight"] = state["blocks_u.0.norm1.weight"] * 1.5
     model = CAVMAESync.from_authors_checkpoint(state, **fixture["config"]).eval()
-    assert torch.equal(features(model, fixture)["feat_global_a"], features(released, fixture)["feat_global_a"])
+    assert torch.equal(
+        features(model, fixture)["feat_global_a"], features(released, fixture)["feat_global_a"]
+    )
     with torch.no_grad():
         out = model.pretrain_loss(fixture["audio"], fixture["video"], fixture["noise_a"], fixture["noise_v"])
     assert relative_error(out.reconstruction_audio, fixture["raw_pix"]["loss_mae_a"]) > 1e-4
@@ -107,7 +109,7 @@ def test_joint_pass_norms_feed_only_the_decoder(fixture, released):
 def test_module_prefix_is_accepted(fixture, released):
     prefixed = {f"module.{k}": v for k, v in fixture["state_dict"].items()}
     model = CAVMAESync.from_authors_checkpoint(prefixed, **fixture["config"]).eval()
-    for (name, a), b in zip(model.state_dict().items(), released.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), released.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -115,7 +117,9 @@ def test_loading_from_a_file(tmp_path, fixture, released):
     path = tmp_path / "released.pth"
     torch.save({f"module.{k}": v for k, v in fixture["state_dict"].items()}, path)
     model = CAVMAESync.from_authors_checkpoint(path, **fixture["config"]).eval()
-    assert torch.equal(features(model, fixture)["feat_global_a"], features(released, fixture)["feat_global_a"])
+    assert torch.equal(
+        features(model, fixture)["feat_global_a"], features(released, fixture)["feat_global_a"]
+    )
 
 
 def test_missing_and_unexpected_keys_are_listed(fixture):

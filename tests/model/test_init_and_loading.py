@@ -21,7 +21,9 @@ SMALL = dict(
 
 def mae_checkpoint() -> dict[str, torch.Tensor]:
     """An MAE-layout state dict made from real timm modules: a 3-block ViT plus an MAE decoder."""
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=3, num_heads=2)
+    vit = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=3, num_heads=2
+    )
     state = dict(vit.state_dict())
     decoder = torch.nn.ModuleList(Block(16, 2, qkv_bias=True) for _ in range(2))
     state |= {f"decoder_blocks.{k}": v for k, v in decoder.state_dict().items()}
@@ -48,14 +50,17 @@ def test_mae_blocks_go_to_both_encoders_then_the_joint_layer(tmp_path):
     own = model.state_dict()
     for index in range(2):
         for encoder in ("audio_encoder", "video_encoder"):
-            assert torch.equal(own[f"{encoder}.{index}.attn.qkv.weight"], state[f"blocks.{index}.attn.qkv.weight"])
+            assert torch.equal(
+                own[f"{encoder}.{index}.attn.qkv.weight"], state[f"blocks.{index}.attn.qkv.weight"]
+            )
     assert torch.equal(own["joint.blocks.0.mlp.fc1.weight"], state["blocks.2.mlp.fc1.weight"])
     for stream in ("joint", "audio", "video"):
         assert torch.equal(own[f"joint.blocks.0.norm1.{stream}.weight"], state["blocks.2.norm1.weight"])
     assert torch.equal(own["decoder.blocks.1.attn.proj.weight"], state["decoder_blocks.1.attn.proj.weight"])
     assert torch.equal(own["decoder.predict_video.weight"], state["decoder_pred.weight"])
     assert torch.equal(
-        own["audio_tokenizer.patch_embed.proj.weight"], state["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
+        own["audio_tokenizer.patch_embed.proj.weight"],
+        state["patch_embed.proj.weight"].sum(dim=1, keepdim=True),
     )
     assert "cls_token" in report.skipped and "head.weight" in report.skipped
     assert "decoder.predict_audio.weight" in report.skipped  # no audio head in an image MAE

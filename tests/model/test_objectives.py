@@ -88,5 +88,8 @@ def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path)
         error = (actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)
         assert error < 1e-5, f"{name}: relative gradient error {error:.2e}"
     # Sanity of the comparison itself: local-only negatives would give a different contrastive loss.
-    half_loss = (InfoNCE()(out.global_audio[:4], out.global_video[:4])[0] + InfoNCE()(out.global_audio[4:], out.global_video[4:])[0]) / 2
+    half_loss = (
+        InfoNCE()(out.global_audio[:4], out.global_video[:4])[0]
+        + InfoNCE()(out.global_audio[4:], out.global_video[4:])[0]
+    ) / 2
     assert abs(half_loss.item() - out.contrastive.item()) > 1e-3

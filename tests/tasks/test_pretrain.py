@@ -57,7 +57,7 @@ def trainer(tmp_path, **overrides) -> L.Trainer:
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     values = [warmup_cosine(step, 4, 20, 0.1) for step in range(21)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(values[3:], values[4:]))
+    assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))
     assert values[-1] == pytest.approx(0.1)
 
 
@@ -83,7 +83,12 @@ def test_fit_logs_every_term_writes_a_checkpoint_and_resumes(tmp_path):
 
     events = EventAccumulator(str(run.logger.log_dir)).Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    assert {"train/lr", "train/samples_per_s", "train/contrastive_accuracy", "val/audio_to_video_R1"} <= scalars
+    assert {
+        "train/lr",
+        "train/samples_per_s",
+        "train/contrastive_accuracy",
+        "val/audio_to_video_R1",
+    } <= scalars
     assert {"reconstruction/frame", "reconstruction/spectrogram"} <= images
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up, then decay
@@ -105,7 +110,7 @@ def test_reloading_a_checkpoint_rebuilds_the_backbone(tmp_path):
     run.save_checkpoint(path)
     reloaded = PretrainModule.load_from_checkpoint(path, weights_only=True)
     assert reloaded.backbone.config == module.backbone.config
-    for a, b in zip(reloaded.state_dict().values(), module.state_dict().values()):
+    for a, b in zip(reloaded.state_dict().values(), module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -113,13 +118,17 @@ def test_pretraining_learns_the_correspondence(tmp_path):
     torch.manual_seed(0)
     module = PretrainModule(CAVMAESync(**SMALL), lr=2e-3, warmup_epochs=1)
     data = PairedClips(64)
-    before = module.backbone.pretrain_loss(*(torch.stack([data[i][k] for i in range(64)]) for k in ("audio", "video")))
+    before = module.backbone.pretrain_loss(
+        *(torch.stack([data[i][k] for i in range(64)]) for k in ("audio", "video"))
+    )
     trainer(tmp_path, max_epochs=40, logger=False, enable_checkpointing=False).fit(
         module, DataLoader(data, batch_size=16, shuffle=True)
     )
     module.eval()
     with torch.no_grad():
-        after = module.backbone.pretrain_loss(*(torch.stack([data[i][k] for i in range(64)]) for k in ("audio", "video")))
+        after = module.backbone.pretrain_loss(
+            *(torch.stack([data[i][k] for i in range(64)]) for k in ("audio", "video"))
+        )
     assert after.reconstruction < 0.8 * before.reconstruction
     assert after.contrastive < before.contrastive - 0.5
 

@@ -17,7 +17,12 @@ TINY = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
 def avsync(*args: str, cwd: Path = REPO_ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "avsync.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "avsync.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -53,7 +58,8 @@ def test_fit_writes_logs_and_a_checkpoint_and_ckpt_path_resumes(demo_run, tmp_pa
         "--config", str(TINY),
         f"--data.init_args.train_shards={shards / 'train'}",
         f"--data.init_args.val_shards={shards / 'test'}",
-        "--data.init_args.epoch_length=32", "--data.init_args.batch_size=16", "--data.init_args.num_workers=0",
+        "--data.init_args.epoch_length=32", "--data.init_args.batch_size=16",
+        "--data.init_args.num_workers=0",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "--trainer.enable_progress_bar=false", "--trainer.check_val_every_n_epoch=1",
     ]  # fmt: skip
@@ -66,7 +72,9 @@ def test_fit_writes_logs_and_a_checkpoint_and_ckpt_path_resumes(demo_run, tmp_pa
 
     resumed = avsync("fit", *common, "--trainer.max_epochs=2", f"--ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / "runs" / "tiny_cpu" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = torch.load(
+        tmp_path / "runs" / "tiny_cpu" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True
+    )
     assert checkpoint["global_step"] == 4
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 4  # the LR schedule continued, not restarted
 

@@ -29,7 +29,9 @@ def test_demo_writes_every_task_beside_its_baselines(demo_run):
     for row in results["rows"]:
         for column in ("trained", "untrained", "chance"):
             assert 0.0 <= row[column] <= 1.0, row
-    retrieval_chance = [r["chance"] for r in results["rows"] if r["task"].startswith("retrieval") and r["metric"] == "R@1"]
+    retrieval_chance = [
+        r["chance"] for r in results["rows"] if r["task"].startswith("retrieval") and r["metric"] == "R@1"
+    ]
     assert retrieval_chance and all(c == pytest.approx(1 / 3) for c in retrieval_chance)  # 3 held-out clips
     assert Path(results["checkpoint"]).is_file()
     assert "pretrain" in results["timings_s"]
@@ -42,7 +44,9 @@ def test_demo_checkpoint_is_the_trained_tiny_model(demo_run):
     assert backbone.image_size == 96 and backbone.audio_length == 192 and backbone.embed_dim == 128
     untrained = type(backbone)(**backbone.config)
     changed = [
-        name for name, tensor in backbone.state_dict().items() if not torch.equal(tensor, untrained.state_dict()[name])
+        name
+        for name, tensor in backbone.state_dict().items()
+        if not torch.equal(tensor, untrained.state_dict()[name])
     ]
     assert len(changed) > 0.9 * len(backbone.state_dict())
 
@@ -53,11 +57,18 @@ def test_notebook_runs_top_to_bottom(demo_run, name, monkeypatch):
     monkeypatch.setenv("AVSYNC_SHARED", str(SHARED))  # the real clips, when ../shared is there
     notebook = nbformat.read(REPO_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}},
     ).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+    images = [
+        o
+        for o in outputs
+        if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
+    ]
     assert images, "the notebook shows no figure"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     expected = {"retrieval": "diagonal_mean", "localization": "mAP", "temporal_segmentation": "ARI"}[name]

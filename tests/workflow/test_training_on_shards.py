@@ -11,7 +11,11 @@ from avsync.tasks import PretrainModule
 
 def test_fit_without_validation_shards_skips_validation(demo_run):
     data = AVShardDataModule(
-        train_shards=str(demo_run.workdir / "train"), batch_size=4, num_workers=0, resampled=True, epoch_length=8
+        train_shards=str(demo_run.workdir / "train"),
+        batch_size=4,
+        num_workers=0,
+        resampled=True,
+        epoch_length=8,
     )
     module = PretrainModule(CAVMAESync.from_preset("tiny"), warmup_epochs=0)
     trainer = L.Trainer(

@@ -83,7 +83,11 @@ def aligned_window(
 
 
 def aligned_windows(
-    fbank: torch.Tensor, num_frames: int, window_length: int, mode: AlignmentMode = "clip", pad_value: float = 0.0
+    fbank: torch.Tensor,
+    num_frames: int,
+    window_length: int,
+    mode: AlignmentMode = "clip",
+    pad_value: float = 0.0,
 ) -> torch.Tensor:
     """All `num_frames` windows of a clip, `(T, window_length, mel)`."""
     return torch.stack(

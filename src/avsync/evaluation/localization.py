@@ -159,7 +159,11 @@ def localization_metrics(
             continue
         iou, threshold = best_iou(scores, targets, num_thresholds)
         per_class[name] = ClassScore(
-            pixel_average_precision(scores, targets), iou, threshold, int(chosen.sum()), float(targets.float().mean())
+            pixel_average_precision(scores, targets),
+            iou,
+            threshold,
+            int(chosen.sum()),
+            float(targets.float().mean()),
         )
     defined = [score for name, score in per_class.items() if name not in undefined]
     return LocalizationResult(

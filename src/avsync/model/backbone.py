@@ -200,7 +200,8 @@ class CAVMAESync(nn.Module):
         expected_video = (3, self.image_size, self.image_size)
         if video is not None and tuple(video.shape[-3:]) != expected_video:
             raise ValueError(
-                f"video must be (..., 3, {self.image_size}, {self.image_size}) frames; got {tuple(video.shape)}"
+                f"video must be (..., 3, {self.image_size}, {self.image_size}) frames; "
+                f"got {tuple(video.shape)}"
             )
 
     def tokenize(self, audio: torch.Tensor | None, video: torch.Tensor | None):
@@ -210,7 +211,9 @@ class CAVMAESync(nn.Module):
             None if video is None else self.video_tokenizer(video),
         )
 
-    def _encode_modality(self, patches: torch.Tensor, modality: Modality) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_modality(
+        self, patches: torch.Tensor, modality: Modality
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`[global, patches, registers]` through the modality encoder; returns the sequence without
         registers and the registers."""
         tokens = self.registers.append(self.global_tokens.prepend(patches, modality), modality)
@@ -226,16 +229,22 @@ class CAVMAESync(nn.Module):
         self._check_inputs(audio, video)
         lead = audio.shape[:-2] if audio is not None else video.shape[:-3]
         if audio is not None and video is not None and video.shape[:-3] != lead:
-            raise ValueError(f"audio and video batch/time dims differ: {tuple(lead)} vs {tuple(video.shape[:-3])}")
+            raise ValueError(
+                f"audio and video batch/time dims differ: {tuple(lead)} vs {tuple(video.shape[:-3])}"
+            )
         if len(lead) not in (1, 2):
             raise ValueError(f"encode takes (B, ...) or (B, T, ...) inputs; got leading dims {tuple(lead)}")
         flat_audio = None if audio is None else audio.reshape(-1, *audio.shape[-2:])
         flat_video = None if video is None else video.reshape(-1, *video.shape[-3:])
-        tokens = dict(zip(("audio", "video"), self.tokenize(flat_audio, flat_video)))
+        tokens = dict(zip(("audio", "video"), self.tokenize(flat_audio, flat_video), strict=True))
         out: dict[str, torch.Tensor | None] = {}
         for modality, patches in tokens.items():
             if patches is None:
-                out |= {f"global_{modality}": None, f"patches_{modality}": None, f"registers_{modality}": None}
+                out |= {
+                    f"global_{modality}": None,
+                    f"patches_{modality}": None,
+                    f"registers_{modality}": None,
+                }
                 continue
             sequence, registers = self._encode_modality(patches, modality)
             summary, patch_features = self.global_tokens.split(self.joint.modality(sequence, modality))
@@ -248,7 +257,8 @@ class CAVMAESync(nn.Module):
     def draw_noise(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
         """Uniform masking noise for a batch, `(noise_audio, noise_video)`."""
         return tuple(
-            torch.rand(batch, self.num_patches[m], device=device, generator=generator) for m in ("audio", "video")
+            torch.rand(batch, self.num_patches[m], device=device, generator=generator)
+            for m in ("audio", "video")
         )
 
     def _mask(self, noise: torch.Tensor, modality: Modality) -> Masking:
@@ -289,7 +299,9 @@ class CAVMAESync(nn.Module):
         audio_sequence, _ = self._encode_modality(audio_mask.select(audio_tokens), "audio")
         video_sequence, _ = self._encode_modality(video_mask.select(video_tokens), "video")
 
-        fused = self.joint.fuse(self.global_tokens.patches(audio_sequence), self.global_tokens.patches(video_sequence))
+        fused = self.joint.fuse(
+            self.global_tokens.patches(audio_sequence), self.global_tokens.patches(video_sequence)
+        )
         global_audio, _ = self.global_tokens.split(self.joint.modality(audio_sequence, "audio"))
         global_video, _ = self.global_tokens.split(self.joint.modality(video_sequence, "video"))
 
@@ -318,4 +330,3 @@ class CAVMAESync(nn.Module):
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor, **noise) -> PretrainOutput:
         return self.pretrain_loss(audio, video, **noise)
-

@@ -45,4 +45,6 @@ class Decoder(nn.Module):
         audio = audio_mask.fill(x[:, :kept_audio], self.mask_token) + self.pos_audio + self.modality_audio
         video = video_mask.fill(x[:, kept_audio:], self.mask_token) + self.pos_video + self.modality_video
         x = self.norm(self.blocks(torch.cat([audio, video], dim=1)))
-        return self.predict_audio(x[:, : self.num_audio_patches]), self.predict_video(x[:, self.num_audio_patches :])
+        return self.predict_audio(x[:, : self.num_audio_patches]), self.predict_video(
+            x[:, self.num_audio_patches :]
+        )

@@ -59,7 +59,7 @@ class ModalityTokenizer(nn.Module):
 
 
 def spectrogram_as_image(audio: torch.Tensor) -> torch.Tensor:
-    """`(B, time, mel)` -> `(B, 1, mel, time)`: audio patches come out frequency-major (the authors' order)."""
+    """`(B, time, mel)` -> `(B, 1, mel, time)`: audio patches come out frequency-major (authors' order)."""
     return rearrange(audio, "b t f -> b 1 f t")
 
 
@@ -69,7 +69,9 @@ def patchify_audio(audio: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def unpatchify_audio(patches: torch.Tensor, patch_size: int, mel_bins: int) -> torch.Tensor:
-    return rearrange(patches, "b (h w) (p q) -> b (w q) (h p)", p=patch_size, q=patch_size, h=mel_bins // patch_size)
+    return rearrange(
+        patches, "b (h w) (p q) -> b (w q) (h p)", p=patch_size, q=patch_size, h=mel_bins // patch_size
+    )
 
 
 def patchify_video(video: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -128,15 +128,22 @@ def infer_authors_config(state: dict[str, torch.Tensor]) -> dict:
 
 def _authors_config(state: dict[str, torch.Tensor], authors_kwargs: dict) -> dict:
     config = infer_authors_config(state)
-    unknown = set(authors_kwargs) - set(AUTHORS_ARGUMENTS) - AUTHORS_IGNORED_ARGUMENTS - {
-        "modality_specific_depth",
-        "contrastive_heads",
-        "tr_pos",
-    }
+    unknown = (
+        set(authors_kwargs)
+        - set(AUTHORS_ARGUMENTS)
+        - AUTHORS_IGNORED_ARGUMENTS
+        - {
+            "modality_specific_depth",
+            "contrastive_heads",
+            "tr_pos",
+        }
+    )
     if unknown:
         raise CheckpointError(f"unknown authors' constructor arguments: {sorted(unknown)}")
     if authors_kwargs.get("tr_pos"):
-        raise CheckpointError("tr_pos=True (learned positions) is not supported: avsync positions are fixed sin-cos")
+        raise CheckpointError(
+            "tr_pos=True (learned positions) is not supported: avsync positions are fixed sin-cos"
+        )
     given = {AUTHORS_ARGUMENTS[k]: v for k, v in authors_kwargs.items() if k in AUTHORS_ARGUMENTS}
     if "modality_specific_depth" in authors_kwargs:
         given["encoder_depth"] = authors_kwargs["modality_specific_depth"]
@@ -191,7 +198,10 @@ def convert_authors_state_dict(
         else:
             converted[target] = tensor
     if model.registers.count == 0 and "register_tokens" not in state:  # original CAV-MAE: no registers
-        converted["registers.audio"], converted["registers.video"] = model.registers.audio, model.registers.video
+        converted["registers.audio"], converted["registers.video"] = (
+            model.registers.audio,
+            model.registers.video,
+        )
     missing = sorted(set(expected) - set(converted))
     problems = []
     if missing:
@@ -255,10 +265,17 @@ def _mae_targets(key: str, model: CAVMAESync) -> list[str]:
     if match := re.fullmatch(rf"(?:norm|fc_norm)\.{_LEAF}", key):
         return [f"joint.{n}.{match.group(1)}" for n in ("norm", "norm_audio", "norm_video")]
     if match := re.fullmatch(rf"patch_embed\.proj\.{_LEAF}", key):
-        return [f"video_tokenizer.patch_embed.proj.{match.group(1)}", f"audio_tokenizer.patch_embed.proj.{match.group(1)}"]
+        return [
+            f"video_tokenizer.patch_embed.proj.{match.group(1)}",
+            f"audio_tokenizer.patch_embed.proj.{match.group(1)}",
+        ]
     if match := re.fullmatch(rf"decoder_blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", key):
         return [f"decoder.blocks.{match.group(1)}.{match.group(2)}.{match.group(3)}"]
-    renames = {"decoder_embed": "decoder.embed", "decoder_norm": "decoder.norm", "decoder_pred": "decoder.predict_video"}
+    renames = {
+        "decoder_embed": "decoder.embed",
+        "decoder_norm": "decoder.norm",
+        "decoder_pred": "decoder.predict_video",
+    }
     if match := re.fullmatch(rf"(decoder_embed|decoder_norm|decoder_pred)\.{_LEAF}", key):
         return [f"{renames[match.group(1)]}.{match.group(2)}"]
     if key == "mask_token":

@@ -41,7 +41,12 @@ class SharedBlock(nn.Module):
 
 class JointLayer(nn.Module):
     def __init__(
-        self, dim: int, num_heads: int, depth: int = 1, mlp_ratio: float = 4.0, contrastive_head_depth: int = 0
+        self,
+        dim: int,
+        num_heads: int,
+        depth: int = 1,
+        mlp_ratio: float = 4.0,
+        contrastive_head_depth: int = 0,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(SharedBlock(dim, num_heads, mlp_ratio) for _ in range(depth))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize_target: bool) -> torch.Tensor:
+def masked_mse(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize_target: bool
+) -> torch.Tensor:
     """Mean squared error over the masked patches only.
 
     `prediction`, `target`: `(B, N, P)` patches; `mask`: `(B, N)`, 1 where a patch was removed. With

@@ -120,9 +120,9 @@ class PretrainModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError(
-                "the warm-up + cosine schedule needs the run's length, but the training data has no length and "
-                "trainer.max_steps is not set: set trainer.max_steps, or stream shards with a fixed epoch "
-                "(AVShardDataModule(resampled=True, epoch_length=...))"
+                "the warm-up + cosine schedule needs the run's length, but the training data has no length "
+                "and trainer.max_steps is not set: set trainer.max_steps, or stream shards with a fixed "
+                "epoch (AVShardDataModule(resampled=True, epoch_length=...))"
             )
         total = int(total)
         min_ratio = self.hparams.min_lr / self.hparams.lr
@@ -156,7 +156,9 @@ class PretrainModule(L.LightningModule):
             self.log("train/nonfinite_skipped", skipped, on_step=True, batch_size=batch_size)
             return out.loss
         self._log_terms("train", out, batch_size, on_step=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=batch_size)
+        self.log(
+            "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=batch_size
+        )
         self._log_throughput(batch_size)
         every = self.hparams.log_images_every_n_steps
         if every and self.global_step % every == 0:
@@ -172,7 +174,12 @@ class PretrainModule(L.LightningModule):
         now = time.perf_counter()
         if self._step_started is not None:
             samples = batch_size * self.trainer.world_size
-            self.log("train/samples_per_s", samples / (now - self._step_started), on_step=True, batch_size=batch_size)
+            self.log(
+                "train/samples_per_s",
+                samples / (now - self._step_started),
+                on_step=True,
+                batch_size=batch_size,
+            )
         self._step_started = now
 
     def on_train_epoch_start(self) -> None:
@@ -221,8 +228,12 @@ class PretrainModule(L.LightningModule):
         self._log_terms("val", out, pair_audio.shape[0], on_step=False)
         if video.ndim == 5 and video.shape[0] > 1:
             embeddings = self.backbone.encode(audio, video)
-            for direction, recall in in_batch_recall_at_1(embeddings.global_audio, embeddings.global_video).items():
-                self.log(f"val/{direction}_R1", recall, on_epoch=True, batch_size=video.shape[0], sync_dist=True)
+            for direction, recall in in_batch_recall_at_1(
+                embeddings.global_audio, embeddings.global_video
+            ).items():
+                self.log(
+                    f"val/{direction}_R1", recall, on_epoch=True, batch_size=video.shape[0], sync_dist=True
+                )
 
 
 def in_batch_recall_at_1(audio: torch.Tensor, video: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,9 +56,13 @@ class RetrievalModule(L.LightningModule):
         output_dir: str | None = None,
     ):
         super().__init__()
-        unknown = [s for s in strategies if s not in STRATEGIES] + [d for d in directions if d not in DIRECTIONS]
+        unknown = [s for s in strategies if s not in STRATEGIES] + [
+            d for d in directions if d not in DIRECTIONS
+        ]
         if unknown:
-            raise ValueError(f"unknown strategies/directions {unknown}; choose from {STRATEGIES} and {DIRECTIONS}")
+            raise ValueError(
+                f"unknown strategies/directions {unknown}; choose from {STRATEGIES} and {DIRECTIONS}"
+            )
         self.backbone = resolve_backbone(backbone, backbone_checkpoint, authors_kwargs).requires_grad_(False)
         self.save_hyperparameters(ignore=["backbone"])
         self.strategies, self.directions = tuple(strategies), tuple(directions)
@@ -76,7 +80,9 @@ class RetrievalModule(L.LightningModule):
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if batch["video"].ndim != 5:
-            raise ValueError("retrieval needs eval-mode batches carrying all T pairs per clip (eval_mode: eval)")
+            raise ValueError(
+                "retrieval needs eval-mode batches carrying all T pairs per clip (eval_mode: eval)"
+            )
         embeddings = self.backbone.encode(batch["audio"], batch["video"])
         self._audio.append(embeddings.global_audio.float().cpu())
         self._video.append(embeddings.global_video.float().cpu())
@@ -84,7 +90,11 @@ class RetrievalModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         embeddings = self.backbone.encode(batch["audio"], batch["video"])
-        return {"key": batch["key"], "audio": embeddings.global_audio.float(), "video": embeddings.global_video.float()}
+        return {
+            "key": batch["key"],
+            "audio": embeddings.global_audio.float(),
+            "video": embeddings.global_video.float(),
+        }
 
     def _gathered(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Every rank's clips, each clip once (first occurrence), in rank order."""
@@ -126,7 +136,8 @@ def format_table(results: dict) -> str:
         for strategy, result in by_strategy.items():
             m = result.metrics
             lines.append(
-                f"{direction:<16}{strategy:<15}{100 * m['R1']:>7.1f}{100 * m['R5']:>7.1f}{100 * m['R10']:>7.1f}{m['MR']:>7.1f}"
+                f"{direction:<16}{strategy:<15}{100 * m['R1']:>7.1f}{100 * m['R5']:>7.1f}"
+                f"{100 * m['R10']:>7.1f}{m['MR']:>7.1f}"
             )
     return "\n".join(lines)
 
@@ -136,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from avsync.data.datamodule import AVShardDataModule
 
     parser = argparse.ArgumentParser(prog="avsync retrieve", description=main.__doc__)
-    parser.add_argument("--ckpt", required=True, help="PretrainModule checkpoint, safetensors export or authors' file")
+    parser.add_argument(
+        "--ckpt", required=True, help="PretrainModule checkpoint, safetensors export or authors' file"
+    )
     parser.add_argument("--shards", required=True, help="prepared shard directory (or glob / brace pattern)")
     parser.add_argument("--out", help="directory for retrieval.json / retrieval.csv")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
@@ -147,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alignment", choices=["clip", "authors"], default="clip")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="auto")
-    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed (default: 32 on CPU, bf16-mixed on GPU)")
     parser.add_argument(
-        "--authors-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"num_heads": 12}\' for authors\' files'
+        "--precision", default=None, help="e.g. bf16-mixed (default: 32 on CPU, bf16-mixed on GPU)"
+    )
+    parser.add_argument(
+        "--authors-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON, e.g. '{\"num_heads\": 12}' for authors' files",
     )
     args = parser.parse_args(argv)
     module = RetrievalModule(

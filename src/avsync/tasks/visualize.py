@@ -36,7 +36,10 @@ def reconstruction_panels(backbone, audio: torch.Tensor, video: torch.Tensor, ou
     visible patches pasted back. Uses the first sample of `out` (a `PretrainOutput`)."""
     p = backbone.patch_size
     with torch.no_grad():
-        video_patches, audio_patches = patchify_video(video[:1].float(), p), patchify_audio(audio[:1].float(), p)
+        video_patches, audio_patches = (
+            patchify_video(video[:1].float(), p),
+            patchify_audio(audio[:1].float(), p),
+        )
         predicted_video = patchify_video(out.recon_video[:1].float(), p)
         predicted_audio = patchify_audio(out.recon_audio[:1].float(), p)
         if backbone.norm_pix_loss:

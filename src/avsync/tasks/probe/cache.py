@@ -207,7 +207,11 @@ class FeatureCache:
                 from tqdm.auto import tqdm
 
                 iterator = tqdm(  # disable=None: no bar when the output is not a terminal (logs, CI)
-                    batches, desc=f"probe features, {split} (rank {rank})", unit="batch", leave=False, disable=None
+                    batches,
+                    desc=f"probe features, {split} (rank {rank})",
+                    unit="batch",
+                    leave=False,
+                    disable=None,
                 )
             for batch in iterator:
                 missing = [name for name in ("label", "key") if name not in batch]

@@ -38,4 +38,3 @@ class ProbeHead(nn.Module):
         cls = repeat(self.cls, "1 1 w -> b 1 w", b=features.shape[0]).to(features.dtype)
         sequence = self.blocks(torch.cat([cls, features], dim=1))
         return self.classifier(self.norm(sequence[:, 0]))
-
