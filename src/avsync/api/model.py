@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from avsync.api.videos import Failure, VideoFiles, VideoInputs, VideoReader, default_alignment
-from avsync.data.alignment import AlignmentMode
+from avsync.api.videos import Failure, VideoFiles, VideoInputs, VideoReader
+from avsync.data.alignment import AlignmentMode, default_alignment
 from avsync.data.clip import ExtractionOptions
 from avsync.loading import load_backbone, save_backbone
 from avsync.model import CAVMAESync

@@ -13,18 +13,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from avsync.data.alignment import AUTHORS_SPECTROGRAM_FRAMES, AlignmentMode
+from avsync.data.alignment import AlignmentMode
 from avsync.data.clip import ExtractionOptions, extract_video_clip
 from avsync.data.errors import DecodeError
 from avsync.data.samples import ClipDecoder
 from avsync.data.schema import encode_sample, sample_key
 from avsync.data.transforms import AudioWindows, CenterFrame
-
-
-def default_alignment(audio_length: int) -> AlignmentMode:
-    """`authors` for a model whose window is the authors' whole 1024-frame clip (original CAV-MAE): every
-    frame then gets the whole clip's spectrogram, as that model was trained; `clip` (SPEC §1) otherwise."""
-    return "authors" if audio_length >= AUTHORS_SPECTROGRAM_FRAMES else "clip"
 
 
 @dataclass

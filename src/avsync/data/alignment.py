@@ -93,3 +93,9 @@ def aligned_windows(
     return torch.stack(
         [aligned_window(fbank, i, num_frames, window_length, mode, pad_value) for i in range(num_frames)]
     )
+
+
+def default_alignment(audio_length: int) -> AlignmentMode:
+    """`authors` for a model whose window is the authors' whole 1024-frame clip (original CAV-MAE): every
+    frame then gets the whole clip's spectrogram, as that model was trained; `clip` (SPEC §1) otherwise."""
+    return "authors" if audio_length >= AUTHORS_SPECTROGRAM_FRAMES else "clip"

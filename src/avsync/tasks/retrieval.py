@@ -144,6 +144,7 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`avsync retrieve --ckpt PATH --shards DIR`: retrieval over prepared shards, printed and saved."""
+    from avsync.data.alignment import default_alignment
     from avsync.data.datamodule import AVShardDataModule
 
     parser = argparse.ArgumentParser(prog="avsync retrieve", description=main.__doc__)
@@ -157,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0, help="also save each query's top-k targets")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per batch")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--alignment", choices=["clip", "authors"], default="clip")
+    parser.add_argument(
+        "--alignment",
+        choices=["clip", "authors"],
+        default=None,
+        help="frame/window alignment (default: 'authors' for 1024-frame models such as CAV-MAE, else 'clip')",
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="auto")
     parser.add_argument(
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         test_shards=args.shards,
         eval_batch_size=args.batch_size,
         num_workers=args.workers,
-        alignment=args.alignment,
+        alignment=args.alignment or default_alignment(module.backbone.audio_length),
         image_size=module.backbone.image_size,
         audio_length=module.backbone.audio_length,
     )
