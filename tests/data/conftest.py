@@ -14,6 +14,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
+from torchaudio.compliance import kaldi
 
 from avsync.data.images import encode_jpeg
 from avsync.data.schema import SCHEMA_VERSION, encode_sample, sample_key
@@ -134,3 +136,13 @@ def write_shards(
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return ids
+
+
+def authors_fbank(waveform: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
+    """The authors' recipe, written out independently of avsync: DC removed, then torchaudio's Kaldi
+    fbank (128 mel bins, Hanning window, 10-ms shift, no dither, no energy) of a `(1, N)` waveform."""
+    return kaldi.fbank(
+        waveform - waveform.double().mean().float(),
+        htk_compat=True, sample_frequency=sample_rate, use_energy=False, window_type="hanning",
+        num_mel_bins=128, dither=0.0, frame_shift=10,
+    )  # fmt: skip

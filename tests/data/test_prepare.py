@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchaudio.compliance import kaldi
 
 from avsync.data.prepare import FAILURES_NAME, MANIFEST_NAME, main, parse_size, prepare
 
-from .conftest import write_clip
+from .conftest import authors_fbank, write_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,16 +62,7 @@ def independent_fbank(path: Path) -> torch.Tensor:
         planes = [f.to_ndarray() for frame in container.decode(audio=0) for f in resampler.resample(frame)]
         planes += [f.to_ndarray() for f in resampler.resample(None)]
     waveform = torch.from_numpy(np.concatenate(planes, axis=1).mean(axis=0, dtype=np.float32))[None]
-    return kaldi.fbank(
-        waveform - waveform.double().mean().float(),
-        htk_compat=True,
-        sample_frequency=16000,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=128,
-        dither=0.0,
-        frame_shift=10,
-    )
+    return authors_fbank(waveform)
 
 
 def test_real_clips_match_independent_decoding(real_clips_dir, tmp_path, shared):
@@ -343,16 +333,7 @@ def test_a_cavmae_datafile_is_converted_with_frames_as_given_and_audio_through_t
         assert sample[f"f{i:02d}.jpg"] == (frames_root / f"frame_{i}" / "clipA.jpg").read_bytes()
     assert Image.open(io.BytesIO(sample["f00.jpg"])).size == (341, 256)
     waveform = torch.from_numpy(samples.astype(np.float32) / 32768)[None]
-    reference = kaldi.fbank(
-        waveform - waveform.double().mean().float(),
-        htk_compat=True,
-        sample_frequency=16000,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=128,
-        dither=0.0,
-        frame_shift=10,
-    )
+    reference = authors_fbank(waveform)
     np.testing.assert_array_equal(
         np.load(io.BytesIO(sample["fbank.npy"])), reference.numpy().astype(np.float16)
     )

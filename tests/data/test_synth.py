@@ -17,12 +17,13 @@ import av
 import numpy as np
 import pytest
 import torch
-import torchaudio
 from PIL import Image, ImageFilter
 
 from avsync.data.alignment import frame_times
 from avsync.data.synth import SynthManifest, load_synth, main, synthesize
 from avsync.data.synth.timeline import sample_timeline
+
+from .conftest import authors_fbank
 
 # Small clips: 4 s at 10 fps, 64x64, 2-3 events of at least 1 s, 6 classes.
 SMALL = dict(clips=4, classes=6, duration=4.0, size=64, events=(2, 3), min_event=1.0)
@@ -190,11 +191,7 @@ def test_classes_are_separable_in_the_kaldi_log_mel_spectrogram(synth_set):
     profiles, classes = [], []
     for clip in synth_set.clips:
         samples, rate = decode_audio(synth_set.video(clip.clip_id))
-        waveform = torch.from_numpy(samples - samples.mean())[None]
-        fbank = torchaudio.compliance.kaldi.fbank(
-            waveform, htk_compat=True, sample_frequency=rate, use_energy=False, window_type="hanning",
-            num_mel_bins=128, dither=0.0, frame_shift=10,
-        )  # fmt: skip
+        fbank = authors_fbank(torch.from_numpy(samples)[None], rate)
         for event in synth_set.annotation(clip.clip_id)["events"]:
             profile = fbank[round(event["start"] * 100) + 10 : round(event["end"] * 100) - 10].mean(0)
             profiles.append((profile - profile.mean()) / (profile - profile.mean()).norm())
