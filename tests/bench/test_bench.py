@@ -213,3 +213,6 @@ def test_the_command_line_writes_json_and_markdown(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "benchmarks.json").read_text())
     assert written["results"]["retrieval"]["clips"] == 40 and written["threads"] == 1
     assert "## 3a. Retrieval" in (tmp_path / "BENCHMARKS.md").read_text()
+    (tmp_path / "BENCHMARKS.md").unlink()
+    assert main(["--render", "--out-dir", str(tmp_path)]) == 0  # the report alone, from the JSON
+    assert "## 3a. Retrieval" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per benchmark (default 2)")
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where to write the report")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite BENCHMARKS.md from the existing benchmarks.json"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     return parser
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
         run_child(args.child, json.loads(args.options), args.threads)
+        return 0
+    if args.render:
+        write_report(json.loads((args.out_dir / JSON_NAME).read_text()), args.out_dir / MARKDOWN_NAME)
         return 0
     names = args.only or [
         name for name, bench in SUITE.items() if not bench.gpu_only or torch.cuda.is_available()
