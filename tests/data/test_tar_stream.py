@@ -68,6 +68,16 @@ def test_samples_group_members_by_key(tmp_path):
     assert all(s["__url__"] == str(path) for s in samples)
 
 
+def test_webdataset_metadata_members_are_not_samples(tmp_path):
+    members = [("__info__", b"m"), ("__meta__/a.json", b"m"), ("a.jpg", b"1"), ("b__c__.jpg", b"2")]
+    path = write(tmp_path / "shard.tar", members, tarfile.PAX_FORMAT)
+    samples = list(tar_samples([{"url": str(path)}]))
+    assert [s["__key__"] for s in samples] == [
+        "a",
+        "b__c__",
+    ]  # only names that *start* with __x__ are metadata
+
+
 def test_a_cut_shard_raises_tarfiles_error_naming_the_stream(tmp_path):
     path = write(tmp_path / "shard.tar", [("a.jpg", b"x" * 5000), ("b.jpg", b"y" * 5000)], tarfile.PAX_FORMAT)
     data = path.read_bytes()

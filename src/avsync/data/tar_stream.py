@@ -130,9 +130,7 @@ def tar_file_expander(
         stream, url = source["stream"], source["url"]
         try:
             for name, data in tar_members(stream):
-                if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META_NAME.match(
-                    name
-                ):
+                if _META_NAME.match(name):
                     continue
                 yield {"fname": name, "data": data, "__url__": url}
             yield {}
