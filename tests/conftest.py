@@ -11,6 +11,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
 
+#: A backbone small enough for CPU tests that reads decoded videos as they come: 48-px frames (a 3x3
+#: patch grid) and 64-frame windows of the real 128-bin spectrogram.
+VIDEO_TEST_BACKBONE = dict(
+    image_size=48, audio_length=64, embed_dim=32, num_heads=2, encoder_depth=1,
+    decoder_dim=16, decoder_depth=1, decoder_heads=2, num_registers=2,
+)  # fmt: skip
+
+
 def shared_path(*parts: str) -> Path:
     """A file under `../shared`, or skip the test (with the reason) when it is not there."""
     path = SHARED.joinpath(*parts)

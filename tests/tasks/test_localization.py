@@ -29,12 +29,8 @@ from avsync.tasks.localization_data import (
     synth_prompt_set,
 )
 from avsync.tasks.visualize import denormalize_frame
+from tests.conftest import VIDEO_TEST_BACKBONE
 
-#: 48-px frames (a 3x3 patch grid), 64-frame windows of the real 128-bin spectrogram.
-TINY = dict(
-    image_size=48, audio_length=64, embed_dim=32, num_heads=2, encoder_depth=1,
-    decoder_dim=16, decoder_depth=1, decoder_heads=2, num_registers=2,
-)  # fmt: skip
 CPU = {"accelerator": "cpu"}
 
 
@@ -49,7 +45,7 @@ def synth_set(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def backbone() -> CAVMAESync:
     torch.manual_seed(0)
-    return CAVMAESync(**TINY).eval()
+    return CAVMAESync(**VIDEO_TEST_BACKBONE).eval()
 
 
 def write_checkpoint(backbone: CAVMAESync, path: Path) -> Path:

@@ -26,11 +26,7 @@ from avsync.tasks.segmentation import (
     segment_clip,
     synth_segmentation_ari,
 )
-
-TINY = dict(
-    image_size=48, audio_length=64, embed_dim=32, num_heads=2, encoder_depth=1,
-    decoder_dim=16, decoder_depth=1, decoder_heads=2, num_registers=2,
-)  # fmt: skip
+from tests.conftest import VIDEO_TEST_BACKBONE
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def synth_set(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def backbone() -> CAVMAESync:
     torch.manual_seed(0)
-    return CAVMAESync(**TINY).eval()
+    return CAVMAESync(**VIDEO_TEST_BACKBONE).eval()
 
 
 def oracle_features(truth: list[int], dim: int = 8, seed: int = 0) -> ClipFeatures:
