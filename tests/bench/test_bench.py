@@ -216,3 +216,13 @@ def test_the_command_line_writes_json_and_markdown(tmp_path, monkeypatch):
     (tmp_path / "BENCHMARKS.md").unlink()
     assert main(["--render", "--out-dir", str(tmp_path)]) == 0  # the report alone, from the JSON
     assert "## 3a. Retrieval" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_render_without_results_names_the_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--render", "--out-dir", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert (
+        str(tmp_path / "benchmarks.json") in capsys.readouterr().err
+        and not (tmp_path / "BENCHMARKS.md").exists()
+    )

@@ -47,12 +47,18 @@ def run_child(name: str, options: dict, threads: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.child:
         run_child(args.child, json.loads(args.options), args.threads)
         return 0
     if args.render:
-        write_report(json.loads((args.out_dir / JSON_NAME).read_text()), args.out_dir / MARKDOWN_NAME)
+        report = _previous(args.out_dir / JSON_NAME)
+        if not report:
+            parser.error(
+                f"--render: {args.out_dir / JSON_NAME} is missing or not JSON; run the benchmarks first"
+            )
+        write_report(report, args.out_dir / MARKDOWN_NAME)
         return 0
     names = args.only or [
         name for name, bench in SUITE.items() if not bench.gpu_only or torch.cuda.is_available()
