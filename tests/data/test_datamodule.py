@@ -3,6 +3,7 @@ and workers, fixed-length resampled epochs, skipped samples, and a real Lightnin
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from avsync.data.alignment import window_bounds
 from avsync.data.datamodule import AVShardDataModule
+from avsync.data.images import encode_jpeg
 from avsync.data.pipeline import resolve_shards
 from avsync.data.prepare import prepare
 from avsync.data.schema import encode_sample, sample_key
@@ -81,6 +83,41 @@ def test_batches_follow_the_contract_in_both_shapes(tmp_path):
     assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == [
         ids.index(k) % 3 for k in batch["key"]
     ]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_frames_normalized_batch_wise_equal_each_frame_normalized_on_its_own(tmp_path, workers):
+    """Batches normalize uint8 pixels in `collate` (into shared memory in a worker process); every
+    frame must still be exactly its own `frames_to_tensor`, in layout and value (noise frames, so a
+    transposed or misplaced frame shows)."""
+    from avsync.data.transforms import CenterFrame, frames_to_tensor
+
+    rng = np.random.default_rng(0)
+    clips = {}
+    (tmp_path / "shards").mkdir()
+    writer = ShardWriter(tmp_path / "shards", 0, max_bytes=None, max_clips=None)
+    for clip in range(3):
+        frames = [encode_jpeg(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)) for _ in range(16)]
+        clip_id = f"clip.{clip}"
+        metadata = {"id": clip_id, "num_frames": 16, "labels": [0]}
+        writer.write(encode_sample(sample_key(clip_id), frames, np.zeros((300, 128), np.float16), metadata))
+        clips[clip_id] = frames_to_tensor([CenterFrame(32)(Image.open(io.BytesIO(f))) for f in frames])
+    writer.finish()
+    module = AVShardDataModule(
+        train_shards=str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"), batch_size=3,
+        eval_batch_size=2, num_workers=workers, image_size=32, audio_length=64, num_classes=1,
+        random_resized_crop=False, horizontal_flip=False,
+    )  # fmt: skip
+    module.setup("fit")
+    seen = 0
+    for batch in module.val_dataloader():
+        for key, video in zip(batch["key"], batch["video"], strict=True):
+            assert torch.equal(video, clips[key]), key
+            seen += 1
+    train = next(iter(module.train_dataloader()))
+    for key, index, video in zip(train["key"], train["frame_index"], train["video"], strict=True):
+        assert torch.equal(video, clips[key][index]), key
+    assert seen == 3 and len(train["key"]) == 3
 
 
 def expected_rows(mode: str, frame: int, length: int, window: int) -> list[float]:
@@ -289,6 +326,20 @@ def test_a_lightning_run_takes_sizes_from_the_model_and_logs_skips(tmp_path):
     assert trainer.num_training_batches == 2 and trainer.global_step == 2
     assert trainer.callback_metrics["data/skipped_train"] == 0
     assert trainer.callback_metrics["data/skipped_val"] == 0
+
+
+@pytest.mark.parametrize("size", [(398, 224), (224, 398), (224, 224), (301, 224)])
+def test_frames_stored_at_the_model_side_are_cropped_exactly_as_torchvision_resizes_and_crops(size):
+    """Frames stored with a 224 short side (the `prepare` default) skip resampling; the pixels must
+    still be torchvision's `Resize(224, bicubic)` + `CenterCrop(224)`, bit for bit."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from avsync.data.transforms import CenterFrame
+
+    rng = np.random.default_rng(sum(size))
+    frame = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    reference = v2.Compose([v2.Resize(224, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(224)])
+    assert np.array_equal(np.asarray(CenterFrame(224)(frame)), np.asarray(reference(frame)))
 
 
 def test_one_pass_frame_geometry_equals_torchvisions_resize_crop_and_normalize(real_clips_dir):

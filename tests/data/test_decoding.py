@@ -122,13 +122,13 @@ def test_a_seek_that_lands_after_its_target_is_caught(tmp_path):
         assert time == pytest.approx(next(t for t in times if t >= float(target) - 1e-9))
 
 
-def test_frames_are_shrunk_to_short_side_256_bicubic_and_never_upscaled(tmp_path):
+def test_frames_are_shrunk_to_short_side_224_bicubic_and_never_upscaled(tmp_path):
     wide = write_clip(tmp_path / "wide.mp4", size=(640, 360))
     small = write_clip(tmp_path / "small.mp4", size=(64, 48))
-    assert Image.open(io.BytesIO(extract_video_clip(wide).frames[0])).size == (455, 256)
+    assert Image.open(io.BytesIO(extract_video_clip(wide).frames[0])).size == (398, 224)
     assert Image.open(io.BytesIO(extract_video_clip(small).frames[0])).size == (64, 48)
     tall = extract_video_clip(write_clip(tmp_path / "tall.mp4", size=(360, 640)))
-    assert (tall.metadata["frame_width"], tall.metadata["frame_height"]) == (256, 455)
+    assert (tall.metadata["frame_width"], tall.metadata["frame_height"]) == (224, 398)
     assert (tall.metadata["width"], tall.metadata["height"]) == (360, 640)
 
 

@@ -87,7 +87,7 @@ def test_real_clips_match_independent_decoding(real_clips_dir, tmp_path, shared)
     }
     assert (
         manifest["preprocessing"]["fbank"]["num_mel_bins"] == 128
-        and manifest["preprocessing"]["short_side"] == 256
+        and manifest["preprocessing"]["short_side"] == 224
     )
     for shard in manifest["shards"]:
         data = (out / shard["name"]).read_bytes()
@@ -120,8 +120,8 @@ def test_real_clips_match_independent_decoding(real_clips_dir, tmp_path, shared)
             assert metadata["frame_times"][i] == pytest.approx(times[k], abs=1e-9)
             assert 0 <= metadata["frame_times"][i] - target < period
             image = Image.fromarray(images[k])
-            if min(image.size) > 256:
-                image = image.resize((round(image.width * 256 / image.height), 256), Image.Resampling.BICUBIC)
+            if min(image.size) > 224:
+                image = image.resize((round(image.width * 224 / image.height), 224), Image.Resampling.BICUBIC)
             stored = np.asarray(Image.open(io.BytesIO(sample[f"f{i:02d}.jpg"])), dtype=np.float32)
             assert (
                 stored.shape[:2]
@@ -299,7 +299,7 @@ def test_a_cavmae_datafile_is_converted_with_frames_as_given_and_audio_through_t
     wav.parent.mkdir()
     for i in range(16):
         (frames_root / f"frame_{i}").mkdir(parents=True)
-        size = (320, 240) if i else (640, 480)  # frame 0 is larger than 256 and gets shrunk
+        size = (288, 224) if i else (640, 480)  # frame 0 is larger than 224 and gets shrunk
         Image.fromarray(np.full((size[1], size[0], 3), 10 * i, np.uint8)).save(
             frames_root / f"frame_{i}" / "clipA.jpg", quality=95
         )
@@ -331,7 +331,7 @@ def test_a_cavmae_datafile_is_converted_with_frames_as_given_and_audio_through_t
     assert metadata["frame_times"] == pytest.approx([i * 4.0 / 16 for i in range(16)])
     for i in range(1, 16):
         assert sample[f"f{i:02d}.jpg"] == (frames_root / f"frame_{i}" / "clipA.jpg").read_bytes()
-    assert Image.open(io.BytesIO(sample["f00.jpg"])).size == (341, 256)
+    assert Image.open(io.BytesIO(sample["f00.jpg"])).size == (299, 224)
     waveform = torch.from_numpy(samples.astype(np.float32) / 32768)[None]
     reference = authors_fbank(waveform)
     np.testing.assert_array_equal(

@@ -128,7 +128,7 @@ def test_prepare_skips_each_bad_video_with_its_reason_and_keeps_the_rest(videos,
         "Hostile inputs",
         "a 4K video (3840x2160)",
         "avsync prepare",
-        "prepared: frames shrunk to a 256-pixel short side as they are decoded",
+        "prepared: frames shrunk to a 224-pixel short side as they are decoded",
     )
     reliability.record(
         "Hostile inputs",

@@ -6,12 +6,13 @@ clips of `../shared/data/videos` when they are there.
 
 `loader`: `AVShardDataModule`'s pipeline on one core, augmentation off, 224 px, ViT-B window length:
 training samples/s (one frame and its window per clip) and evaluation clips/s (all 16 pairs). Shards are
-made of the real clips prepared by `avsync prepare` (repeated under new keys), or of synthetic 256-px
+made of the real clips prepared by `avsync prepare` (repeated under new keys), or of synthetic 224-px
 samples when the clips are absent. Measured twice: iterating the pipeline in this process (the decode
 work of one worker, comparable to a per-sample `__getitem__` loop) and through a real `DataLoader`
 with one worker process pinned to one core (adds the hand-over of batches to the main process). In
-this process the loader as it was before this package's data-path optimizations is timed interleaved
-with the current one (`reference_data_path`).
+this process the loader as it was before this package's data-path optimizations (`reference_data_path`,
+reading shards prepared with the earlier 256-px frames, `BEFORE_SHORT_SIDE`) is timed interleaved with
+the current one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from avsync.data.clip import ExtractionOptions
 from avsync.data.datamodule import AVShardDataModule
 from avsync.data.images import encode_jpeg
 from avsync.data.prepare import WorkItem, prepare, process
+from avsync.data.samples import ClipDecoder
 from avsync.data.schema import encode_sample, stable_json
 from avsync.data.shard_writer import ShardWriter
 from avsync.data.sources import discover
@@ -44,6 +46,10 @@ REAL_CLIPS = {
     "144p": "00W1lcxW-WU_40.000.mp4",
     "720p": "KlsG1EnBEjc_000361.mp4",
 }
+
+
+#: The stored frames' short side before `prepare` defaulted to the model's input side (224).
+BEFORE_SHORT_SIDE = 256
 
 
 def real_clips_dir() -> Path | None:
@@ -77,15 +83,23 @@ def prepare_throughput(repeats: int = 3, videos: str | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- shards
-def make_shard(directory: Path, samples: int, source: str = "auto", seed: int = 0) -> tuple[str, str]:
+def make_shard(
+    directory: Path, samples: int, source: str = "auto", seed: int = 0, short_side: int | None = None
+) -> tuple[str, str]:
     """`(path, description)` of one shard of `samples` clips written in `directory` by `prepare`'s own
-    `ShardWriter`: the real clips prepared and repeated under new keys, or (`source="synthetic"`, or no
-    real clips) synthetic 455x256 JPEG frames and 10-s spectrograms."""
+    `ShardWriter`: the real clips prepared (frames at `short_side`, default `prepare`'s) and repeated
+    under new keys, or (`source="synthetic"`, or no real clips) synthetic 16:9 JPEG frames of that short
+    side and 10-s spectrograms."""
+    short_side = short_side or ExtractionOptions().short_side
     videos = real_clips_dir() if source in ("auto", "real") else None
     if source == "real" and videos is None:
         raise FileNotFoundError("the real clips (../shared/data/videos) are not present")
     directory.mkdir(parents=True, exist_ok=True)
-    templates = _prepared_samples(videos, directory / "prepared") if videos else _synthetic_samples(seed)
+    templates = (
+        _prepared_samples(videos, directory / "prepared", short_side)
+        if videos
+        else _synthetic_samples(seed, short_side)
+    )
     writer = ShardWriter(directory, 0, None, None)
     for index in range(samples):
         template = templates[index % len(templates)]
@@ -93,12 +107,13 @@ def make_shard(directory: Path, samples: int, source: str = "auto", seed: int = 
         metadata = {**json.loads(template["json"]), "id": key, "key": key}
         writer.write({**template, "__key__": key, "json": stable_json(metadata)})
     record = writer.finish()
-    described = "real clips (144p and 720p), prepared" if videos else "synthetic 455x256 frames"
+    described = "real clips (144p and 720p), prepared" if videos else "synthetic 16:9 frames"
     return str(directory / record.name), described
 
 
-def _prepared_samples(videos: Path, output: Path) -> list[dict]:
-    summary = prepare([videos], output, workers=1, progress=False)
+def _prepared_samples(videos: Path, output: Path, short_side: int) -> list[dict]:
+    options = ExtractionOptions(short_side=short_side)
+    summary = prepare([videos], output, options=options, workers=1, progress=False)
     samples: dict[str, dict] = {}
     with tarfile.open(output / summary.shards[0].name) as archive:
         for member in archive:
@@ -107,7 +122,7 @@ def _prepared_samples(videos: Path, output: Path) -> list[dict]:
     return list(samples.values())
 
 
-def _synthetic_samples(seed: int, count: int = 2, frames: int = 16) -> list[dict]:
+def _synthetic_samples(seed: int, short_side: int, count: int = 2, frames: int = 16) -> list[dict]:
     generator = np.random.default_rng(seed)
     samples = []
     for index in range(count):
@@ -116,7 +131,9 @@ def _synthetic_samples(seed: int, count: int = 2, frames: int = 16) -> list[dict
         )  # smooth content compresses like video
         jpegs = []
         for frame in range(frames):
-            image = Image.fromarray(np.roll(base, frame, axis=1)).resize((455, 256), Image.Resampling.BICUBIC)
+            image = Image.fromarray(np.roll(base, frame, axis=1)).resize(
+                (round(short_side * 16 / 9), short_side), Image.Resampling.BICUBIC
+            )
             jpegs.append(encode_jpeg(image))
         fbank = generator.normal(-5.0, 4.0, size=(1000, 128)).astype(np.float16)
         metadata = {"id": f"synthetic{index}", "num_frames": frames, "labels": [index], "duration": 10.0}
@@ -150,8 +167,10 @@ def _stack_collate(examples: list[dict]) -> dict:
 @contextlib.contextmanager
 def reference_data_path() -> Iterator[None]:
     """The loader as it was before the benchmark work: webdataset's `tarfile`-based reader, a full
-    `isfinite` count of every spectrogram, batches stacked by `torch.stack`."""
+    `isfinite` count of every spectrogram, each clip's frames normalized on their own and the batch
+    stacked by `torch.stack`."""
     with (
+        mock.patch("avsync.data.datamodule.ClipDecoder", _per_clip_normalizing_decoder),
         mock.patch("avsync.data.pipeline.tarfile_to_samples", wds.tarfile_to_samples),
         mock.patch(
             "avsync.data.samples._count_non_finite", lambda values: int((~torch.isfinite(values)).sum())
@@ -159,6 +178,10 @@ def reference_data_path() -> Iterator[None]:
         mock.patch("avsync.data.pipeline.collate", _stack_collate),
     ):
         yield
+
+
+def _per_clip_normalizing_decoder(*args, **kwargs) -> ClipDecoder:
+    return ClipDecoder(*args, **{**kwargs, "pixels": False})
 
 
 def _pass_before(module: AVShardDataModule, split: str) -> int:
@@ -179,20 +202,28 @@ def loader_throughput(
     with tempfile.TemporaryDirectory() as scratch:
         train_shard, described = make_shard(Path(scratch) / "train", train_samples, source)
         eval_shard, _ = make_shard(Path(scratch) / "eval", eval_clips, source)
+        before_shards = {
+            split: make_shard(Path(scratch) / f"before_{split}", count, source, short_side=BEFORE_SHORT_SIDE)[
+                0
+            ]
+            for split, count in (("train", train_samples), ("eval", eval_clips))
+        }
         core = pin_to_one_core()
         train = _datamodule(train_shard, batch_size, eval_batch_size, 0)
         evaluation = _datamodule(eval_shard, batch_size, eval_batch_size, 0)
+        train_before = _datamodule(before_shards["train"], batch_size, eval_batch_size, 0)
+        evaluation_before = _datamodule(before_shards["eval"], batch_size, eval_batch_size, 0)
         in_process = {
             "train": interleaved_medians(
                 {
-                    "before": lambda: _pass_before(train, "train"),
+                    "before": lambda: _pass_before(train_before, "train"),
                     "avsync": lambda: _count(train.pipeline("train")),
                 },
                 repeats,
             ),
             "eval": interleaved_medians(
                 {
-                    "before": lambda: _pass_before(evaluation, "val"),
+                    "before": lambda: _pass_before(evaluation_before, "val"),
                     "avsync": lambda: _count(evaluation.pipeline("val")),
                 },
                 repeats,
@@ -200,6 +231,8 @@ def loader_throughput(
         }
         result: dict = {
             "shards": described,
+            "short_side": ExtractionOptions().short_side,
+            "before_short_side": BEFORE_SHORT_SIDE,
             "core": core,
             "image_size": 224,
             "audio_length": 416,

@@ -38,12 +38,13 @@ DATA_NOTE = (
     "'In process' iterates one worker's pipeline in the benchmark's process on one core (comparable to the "
     "authors' per-sample `__getitem__` timing: 281 training samples/s, 22 eval clips/s); 'before' is the "
     "same pipeline with webdataset's `tarfile` reader, a full `isfinite` count per spectrogram and "
-    "`torch.stack` batches, interleaved with the current one. Through a DataLoader worker adds handing "
-    "each batch to the main process. An evaluation clip decodes and resizes 16 JPEG frames with PIL "
-    "(bicubic, as torchvision's transforms on PIL images, which the tests pin to within one grey level); "
-    "those two alone take about 12-13 ms per clip here, a ceiling near 80 clips/s before anything else is "
-    "done, and the stored frames' short side (256) is too close to 224 for JPEG's DCT-domain downscaling "
-    "(`draft`, already used) to apply. Large fresh tensors (a batch is 38 MB) cost page faults; "
+    "`torch.stack` batches, reading shards whose frames were stored with a 256-px short side (the earlier "
+    "`prepare` default), interleaved with the current one. Through a DataLoader worker adds handing "
+    "each batch to the main process. An evaluation clip decodes 16 JPEG frames with PIL and brings each "
+    "to 224 x 224 (bicubic resize of the short side and centre crop, as torchvision's transforms on PIL "
+    "images; the tests pin this bit for bit on 224-px frames and to within one grey level otherwise). "
+    "With frames stored at 224 the resize is the identity and only the crop is left; the 144p clip's "
+    "frames (256x144) still have to be enlarged. Large fresh tensors (a batch is 38 MB) cost page faults; "
     "PyTorch's `THP_MEM_ALLOC_ENABLE=1` (huge pages for large allocations) is meant to cut that cost: the "
     "second table measures it, in a separate process."
 )
@@ -417,7 +418,9 @@ def _loader_table(r: dict, name: str) -> str:
     header = ("", "before (in process)", "avsync (in process)", "ratio", "avsync, DataLoader worker")
     return (
         f"### {title}: one core, augmentation off, {r['image_size']} px, windows of {r['audio_length']} "
-        f"(shards: {r['shards']}; peak memory {r['peak_rss_mib']:,.0f} MiB)\n\n" + _table(header, rows)
+        f"(shards: {r['shards']}, frames stored with a {r.get('short_side', 256)}-px short side, before: "
+        f"{r.get('before_short_side', 256)} px; peak memory {r['peak_rss_mib']:,.0f} MiB)\n\n"
+        + _table(header, rows)
     )
 
 

@@ -30,6 +30,9 @@ class ExtractionOptions:
     Args:
         num_frames: frames per clip, frame `i` at `i * D / num_frames` (SPEC §1: 16).
         short_side: stored frames are shrunk so their short side is at most this (never upscaled).
+            The default is ViT-B's input side: evaluation then only centre-crops (one bicubic
+            resampling from the source, as SPEC §1 describes, instead of two) and decodes fewer pixels;
+            the authors' own frames are 224 x 224 crops.
         jpeg_quality: quality of the stored JPEG frames.
         mono: how channels become one (`mean` or `first`, see `audio.py`).
         min_duration / max_duration: accepted clip durations in seconds (video stream).
@@ -41,7 +44,7 @@ class ExtractionOptions:
     """
 
     num_frames: int = 16
-    short_side: int | None = 256
+    short_side: int | None = 224
     jpeg_quality: int = 90
     mono: MonoMode = "mean"
     min_duration: float = 2.0

@@ -247,6 +247,7 @@ class AVShardDataModule(L.LightningDataModule):
             random_frame=training,
             label_format=self.label_format,
             num_classes=self.num_classes or 0,
+            pixels=True,  # `collate` normalizes whole batches
         )
 
     def pipeline(

@@ -6,6 +6,9 @@ Two shapes (the batch contract of `AVShardDataModule`):
   (torch's RNG, seeded per DataLoader worker); on other splits it is the middle frame `T // 2`.
 - `eval`: all `T` frames and windows: `video (T, 3, H, W)`, `audio (T, L, mel)`, `frame_index (T,)`.
 Both carry `label` (multi-hot float `(C,)` or an int64 class index) and `key` (the clip id).
+With `pixels=True` (what `AVShardDataModule`'s pipeline uses) `video` stays uint8 `(…, H, W, 3)` and
+`collate` normalizes the whole batch in one write, into shared memory in a DataLoader worker: the
+float frames are written once instead of once per clip and again by the stack.
 
 Shards may hold more frames than `T` (e.g. 16 stored, `T = 8`): frame `i` of `T` is stored frame
 `i * stored / T`, which lies at the same time `i * D / T`; `stored` must be a multiple of `T`.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import PurePosixPath
@@ -24,10 +28,10 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 
 from avsync.data.schema import FBANK_FIELD, METADATA_FIELD, decode_npy, frame_field
-from avsync.data.transforms import AudioAugmentation, AudioWindows, frames_to_tensor
+from avsync.data.transforms import AudioAugmentation, AudioWindows, frames_to_pixels, normalize_pixels
 
 SampleShape = Literal["train", "eval"]
 LabelFormat = Literal["multi_hot", "index"]
@@ -49,6 +53,7 @@ class ClipDecoder:
         random_frame: bool = False,
         label_format: LabelFormat = "multi_hot",
         num_classes: int = 0,
+        pixels: bool = False,
     ) -> None:
         if shape not in ("train", "eval"):
             raise ValueError(f"shape must be 'train' or 'eval', got {shape!r}")
@@ -60,6 +65,7 @@ class ClipDecoder:
             audio_augmentation if audio_augmentation and audio_augmentation.active else None
         )
         self.random_frame, self.label_format, self.num_classes = random_frame, label_format, num_classes
+        self.pixels = pixels
 
     def pick(self, sample: dict) -> dict:
         """Keep only what the example needs: the parsed metadata, the spectrogram and the chosen frame
@@ -103,7 +109,9 @@ class ClipDecoder:
         broken = _count_non_finite(fbank)
         if broken:
             raise ValueError(f"spectrogram holds {broken} NaN or infinite value(s)")
-        video = frames_to_tensor([self._image(jpeg) for jpeg in sample["__jpegs__"]])
+        video = frames_to_pixels([self._image(jpeg) for jpeg in sample["__jpegs__"]])
+        if not self.pixels:
+            video = normalize_pixels(video)
         if self.shape == "train":
             (index,) = sample["__frame_indices__"]
             video, audio = video[0], self.audio_windows.window(fbank, index)
@@ -175,11 +183,28 @@ def _naming(sample: dict) -> Iterator[None]:
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack a list of examples into the batch dict (`key` stays a list of strings).
+    """Stack a list of examples into the batch dict (`key` stays a list of strings); uint8 `video`
+    pixels are normalized on the way (see the module docstring).
 
-    Tensors are stacked by `default_collate`, which in a DataLoader worker writes the batch straight
-    into shared memory; a plain `torch.stack` would be copied there once more on its way to the main
-    process (a 38-MB copy per evaluation batch of 4 clips)."""
-    names = ("audio", "video", "label", "frame_index")
+    Batches are written straight into shared memory in a DataLoader worker (as `default_collate`
+    does); a plain `torch.stack` would be copied there once more on its way to the main process (a
+    38-MB copy per evaluation batch of 4 clips)."""
+    names = ("audio", "label", "frame_index")
     stacked = {name: default_collate([e[name] for e in examples]) for name in names}
-    return {**stacked, "key": [e["key"] for e in examples]}
+    frames = [e["video"] for e in examples]
+    if frames[0].dtype == torch.uint8:
+        *lead, height, width, channels = frames[0].shape
+        video = _batch_tensor((len(frames), *lead, channels, height, width))
+        for clip, pixels in zip(video, frames, strict=True):
+            normalize_pixels(pixels, out=clip)
+    else:
+        video = default_collate(frames)
+    return {**stacked, "video": video, "key": [e["key"] for e in examples]}
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialized float32 tensor, in shared memory inside a DataLoader worker."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)

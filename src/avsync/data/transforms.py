@@ -5,10 +5,10 @@ RandomResizedCrop (scale 0.08-1, ratio 0.9-1.1) and a horizontal flip; both end 
 normalization. The geometry runs on PIL images, as torchvision's transforms do on PIL input, with
 two shortcuts for speed: the evaluation resize-and-crop is one `resize(..., box=...)` whose box is the
 source region that resize-then-crop keeps (same pixels to within rounding, without resizing what is
-cropped away; see the tests), and frames are normalized in one batch (`frames_to_tensor`) - this is
-the hot loop of evaluation, 16 frames per clip. Training crops are drawn by torchvision's
-`RandomResizedCrop.get_params` (torch's RNG, seeded per DataLoader worker) and applied exactly as
-torchvision does.
+cropped away; see the tests; frames stored at `size` are only cropped), and frames are normalized
+in one pass per batch (`normalize_pixels`) - this is the hot loop of evaluation, 16 frames per clip.
+Training crops are drawn by torchvision's `RandomResizedCrop.get_params` (torch's RNG, seeded per
+DataLoader worker) and applied exactly as torchvision does.
 
 Audio: the window that goes with frame `i` (`avsync.data.alignment`) is cut from the raw clip
 spectrogram, then normalized `(x - mean) / std`. In `clip` alignment the part of a window outside the
@@ -40,8 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUDIO_MEAN = -5.081
 AUDIO_STD = 4.4849
 
-_SCALE = (1 / (255 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
-_SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+_SCALE = (1 / (255 * torch.tensor(IMAGENET_STD))).view(3, 1, 1)
+_SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
 
 
 class CenterFrame:
@@ -58,6 +58,10 @@ class CenterFrame:
         else:
             resized_width, resized_height = int(size * width / height), size
         left, top = int(round((resized_width - size) / 2)), int(round((resized_height - size) / 2))
+        if (resized_width, resized_height) == (width, height):
+            # Stored at the model's size (`prepare --short-side 224`): the resize is the identity (PIL's
+            # bicubic at scale 1 samples the pixels themselves), so only the crop is left to do.
+            return image.crop((left, top, left + size, top + size))
         x_scale, y_scale = resized_width / width, resized_height / height
         box = (left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale)
         return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
@@ -91,13 +95,24 @@ class RandomFrame:
         return image
 
 
+def frames_to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Same-size RGB images -> their uint8 pixels `(N, H, W, 3)`, one copy."""
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+
+
+def normalize_pixels(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels `(..., H, W, 3)` -> ImageNet-normalized float32 `(..., 3, H, W)`, written into `out`
+    when given (a slice of a batch): one layout-changing copy and one fused scale-and-shift."""
+    *lead, height, width, _ = pixels.shape
+    if out is None:
+        out = torch.empty((*lead, 3, height, width), dtype=torch.float32)
+    out.copy_(pixels.movedim(-1, -3))
+    return out.mul_(_SCALE).add_(_SHIFT)
+
+
 def frames_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """Same-size RGB images -> ImageNet-normalized float32 `(N, 3, H, W)`: one layout-changing copy
-    and one fused scale-and-shift."""
-    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (N, H, W, 3) uint8
-    frames = torch.empty((pixels.shape[0], 3, pixels.shape[1], pixels.shape[2]), dtype=torch.float32)
-    frames.copy_(pixels.permute(0, 3, 1, 2))
-    return frames.mul_(_SCALE).add_(_SHIFT)
+    """Same-size RGB images -> ImageNet-normalized float32 `(N, 3, H, W)`."""
+    return normalize_pixels(frames_to_pixels(images))
 
 
 class AudioWindows:
