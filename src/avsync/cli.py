@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in TRAINER_COMMANDS:
+        from avsync.distributed import release_process_group
+
         lightning_cli(argv)
+        release_process_group()
         return 0
     if command in TOOLS:
         from avsync.checkpoint_io import CheckpointError

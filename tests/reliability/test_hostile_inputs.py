@@ -112,7 +112,7 @@ def test_prepare_skips_each_bad_video_with_its_reason_and_keeps_the_rest(videos,
     first_two = log_mel_fbank(channels[:, :2].mean(axis=1)).numpy()
     assert np.abs(stored - first_two).max() > 0.5  # a mixdown of fewer channels would be far off
     uhd = json.loads(samples["uhd"]["json"])
-    assert (uhd["width"], uhd["height"], uhd["frame_height"]) == (3840, 2160, 256)
+    assert (uhd["width"], uhd["height"], uhd["frame_height"]) == (3840, 2160, 224)
 
     for name in expected:
         reason = reasons[name].replace(f"{tmp_path}/", "")  # the table must not change from run to run

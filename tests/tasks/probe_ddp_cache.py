@@ -14,6 +14,8 @@ from pathlib import Path
 
 import lightning as L
 
+from avsync.distributed import release_process_group
+
 
 def main(directory: str) -> None:
     spec = importlib.util.spec_from_file_location("probe_tests", Path(__file__).with_name("test_probe.py"))
@@ -33,6 +35,7 @@ def main(directory: str) -> None:
         "val_clips": len(datamodule.splits["val"]),
     }
     (Path(directory) / f"rank{run.global_rank}.json").write_text(json.dumps(report))
+    release_process_group()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from avsync.model import CAVMAESync
 from avsync.tasks import PretrainModule
 from avsync.tasks.localization import evaluate_localization, main, similarity_maps, sound_prompted_maps
 from avsync.tasks.localization_data import (
+    MismatchedSounds,
     PromptDataset,
     collate_prompts,
     crop_mask,
@@ -231,6 +232,35 @@ def test_perfect_features_score_higher_than_random_ones(synth_set, backbone):
     oracle = localization_metrics(batch["mask"].float() + 0.1 * maps, batch["mask"], batch["class_index"])
     model = localization_metrics(maps, batch["mask"], batch["class_index"])
     assert oracle.mean_ap > 0.95 and oracle.mean_ap > model.mean_ap + 0.3
+
+
+def test_the_mismatched_sound_control_keeps_each_image_and_lends_it_the_next_sources_sounds(
+    synth_set, backbone
+):
+    prompts = synth_prompt_set(synth_set, None)
+    dataset = PromptDataset(prompts.sources, 48, 64)
+    control = MismatchedSounds(dataset)
+    n = len(dataset)
+    assert len(control) == n == 4
+    for i in range(n):
+        own, lender, swapped = dataset[i], dataset[(i + 1) % n], control[i]
+        for name in ("video", "mask", "class_index"):
+            assert torch.equal(swapped[name], own[name])
+        assert swapped["key"] == own["key"] and torch.equal(swapped["audio"], lender["audio"])
+        assert not torch.equal(swapped["audio"], own["audio"])
+    # the module scores the swapped prompts (two test clips: each with the other's sounds)
+    test_prompts = synth_prompt_set(synth_set, "test")
+    module = evaluate_localization(backbone, test_prompts, batch_size=2, trainer_options=CPU,
+                                   mismatched_sounds=True)  # fmt: skip
+    assert module.prompts_scored == 32 and module.skipped == []
+    test_set = PromptDataset(test_prompts.sources, 48, 64)
+    for sounds, expected_equal in ((MismatchedSounds(test_set), True), (test_set, False)):
+        batch = collate_prompts([sounds[i] for i in range(len(sounds))])
+        maps = sound_prompted_maps(backbone, batch["audio"], batch["video"])
+        expected = localization_metrics(maps, batch["mask"], batch["class_index"], test_prompts.class_names)
+        assert (abs(module.result.mean_ap - expected.mean_ap) < 1e-6) == expected_equal
+    with pytest.raises(ValueError, match="at least two sources"):
+        MismatchedSounds(PromptDataset(prompts.sources[:1], 48, 64))
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -24,6 +24,7 @@ def test_demo_writes_every_task_beside_its_baselines(demo_run):
         "retrieval A->V block mean",
         "linear probe (16 x [g_a, g_v])",
         "sound-prompted segmentation",
+        "sound-prompted segmentation, next clip's sounds",
         "temporal segmentation (audio-visual)",
     } <= tasks
     for row in results["rows"]:

@@ -42,6 +42,7 @@ from avsync.evaluation.localization import (
 from avsync.model import CAVMAESync
 from avsync.tasks.evaluation_trainer import evaluation_trainer
 from avsync.tasks.localization_data import (
+    MismatchedSounds,
     PromptDataset,
     PromptSet,
     Rejection,
@@ -199,12 +200,17 @@ def evaluate_localization(
     alignment: str = "clip",
     options: ExtractionOptions | None = None,
     trainer_options: dict | None = None,
+    mismatched_sounds: bool = False,
 ) -> LocalizationModule:
     """Score `prompts` with `backbone` in a Lightning test run; the returned module holds `result`,
     `skipped` (the prompt set's refused rows first) and `overlays`. `options`: how videos are decoded
-    (default: `avsync prepare`'s); `trainer_options` override the Trainer's arguments."""
+    (default: `avsync prepare`'s); `trainer_options` override the Trainer's arguments;
+    `mismatched_sounds`: the control of `MismatchedSounds` (each source prompted with the next one's
+    sounds)."""
     options = options or ExtractionOptions()
     dataset = PromptDataset(prompts.sources, backbone.image_size, backbone.audio_length, alignment, options)
+    if mismatched_sounds:
+        dataset = MismatchedSounds(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_prompts)
     module = LocalizationModule(backbone, prompts.class_names, overlays=overlays)
     evaluation_trainer(**(trainer_options or {})).test(module, loader, verbose=False)
@@ -239,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--audio-start",
         type=float,
         help="seconds into each prompt sound where its window starts (default: centred)",
+    )
+    add(
+        "--mismatched-sounds",
+        action="store_true",
+        help="control: prompt each source with the next source's sounds (maps that follow the sound "
+        "score lower; maps that ignore it score the same)",
     )
     add("--overlays", type=int, default=16, help="overlay pictures to write (default: %(default)s)")
     add("--batch-size", type=int, default=4, help="sources per batch (a synthetic clip is 16 prompts)")
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         overlays=args.overlays,
         alignment=args.alignment,
         trainer_options={"accelerator": args.accelerator, "precision": args.precision},
+        mismatched_sounds=args.mismatched_sounds,
     )
     for rejection in module.skipped:
         print(f"skipped {rejection.source}: {rejection.reason}", file=sys.stderr)
@@ -291,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "maps": "cosine(global audio token, visual patch tokens), bilinear to the centre crop",
             "normalization": "min-max per map",
             "iou_thresholds": module.hparams.num_iou_thresholds,
+            "sounds": "the next source's (control)" if args.mismatched_sounds else "each source's own",
         },
     }
     (args.out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -379,6 +379,37 @@ class PromptDataset(Dataset):
         }
 
 
+class MismatchedSounds(Dataset):
+    """A control for sound-prompted segmentation: the images, masks and classes of source `i`, prompted
+    with the sounds of source `i + 1` (cyclically; a source with fewer sounds than images lends them
+    in turn). Maps that follow the sound score lower than with the right sounds; maps that ignore it
+    (objectness, a shared direction of the tokens) score the same."""
+
+    def __init__(self, prompts: PromptDataset) -> None:
+        if len(prompts) < 2:
+            raise ValueError("the mismatched-sound control needs at least two sources to swap sounds between")
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.prompts[index]
+        if "rejection" in item:
+            return item
+        lender = (index + 1) % len(self.prompts)
+        other = self.prompts[lender]
+        if "rejection" in other:
+            return {
+                "rejection": Rejection(
+                    self.prompts.sources[index].key,
+                    f"its control sound comes from {other['rejection'].source}, which could not be read",
+                )
+            }
+        sounds = other["audio"]
+        return item | {"audio": sounds[torch.arange(len(item["audio"])) % len(sounds)]}
+
+
 def collate_prompts(items: list[dict]) -> dict:
     """Concatenate the prompts of a batch of sources; `skipped` lists the sources that failed. With no
     readable source the tensors are absent (`audio` is None)."""
