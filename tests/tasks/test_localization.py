@@ -298,6 +298,16 @@ def test_cli_on_a_manifest_skips_and_reports_bad_rows(synth_set, backbone, tmp_p
         assert any(problem in entry["reason"] for entry in metrics["skipped"])
 
 
+def test_cli_control_needs_two_sources(synth_set, backbone, tmp_path, capsys):
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    path, _ = write_manifest_set(synth_set, tmp_path / "manifest")
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(rows[:2]) + "\n")  # the header and one row
+    code = main(["--ckpt", str(checkpoint), "--manifest", str(path), "--out", str(tmp_path / "out"),
+                 "--mismatched-sounds", "--workers", "0", "--accelerator", "cpu"])  # fmt: skip
+    assert code == 2 and "needs at least two sources" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_bad_checkpoint(tmp_path, synth_set, capsys):
     (tmp_path / "model.ckpt").write_bytes(b"not a checkpoint")
     code = main(

@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             prompts = read_manifest(args.manifest, classes, args.audio_start)
         else:
             prompts = synth_prompt_set(args.synth, None if args.split == "all" else args.split)
+        if args.mismatched_sounds and len(prompts.sources) < 2:
+            raise ValueError("--mismatched-sounds needs at least two sources to swap sounds between")
     except (CheckpointError, ValueError, OSError) as error:
         print(f"avsync localize: error: {error}", file=sys.stderr)
         return 2
