@@ -202,17 +202,18 @@ def loader_throughput(
     with tempfile.TemporaryDirectory() as scratch:
         train_shard, described = make_shard(Path(scratch) / "train", train_samples, source)
         eval_shard, _ = make_shard(Path(scratch) / "eval", eval_clips, source)
-        before_shards = {
-            split: make_shard(Path(scratch) / f"before_{split}", count, source, short_side=BEFORE_SHORT_SIDE)[
-                0
-            ]
-            for split, count in (("train", train_samples), ("eval", eval_clips))
-        }
+        side_before = BEFORE_SHORT_SIDE
+        train_shard_before, _ = make_shard(
+            Path(scratch) / "before_train", train_samples, source, short_side=side_before
+        )
+        eval_shard_before, _ = make_shard(
+            Path(scratch) / "before_eval", eval_clips, source, short_side=side_before
+        )
         core = pin_to_one_core()
         train = _datamodule(train_shard, batch_size, eval_batch_size, 0)
         evaluation = _datamodule(eval_shard, batch_size, eval_batch_size, 0)
-        train_before = _datamodule(before_shards["train"], batch_size, eval_batch_size, 0)
-        evaluation_before = _datamodule(before_shards["eval"], batch_size, eval_batch_size, 0)
+        train_before = _datamodule(train_shard_before, batch_size, eval_batch_size, 0)
+        evaluation_before = _datamodule(eval_shard_before, batch_size, eval_batch_size, 0)
         in_process = {
             "train": interleaved_medians(
                 {
