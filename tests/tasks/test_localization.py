@@ -248,6 +248,18 @@ def test_the_mismatched_sound_control_keeps_each_image_and_lends_it_the_next_sou
             assert torch.equal(swapped[name], own[name])
         assert swapped["key"] == own["key"] and torch.equal(swapped["audio"], lender["audio"])
         assert not torch.equal(swapped["audio"], own["audio"])
+    # read in order, each source is decoded once (the first once more, as the last one's lender)
+    decoded = []
+
+    class Counting(PromptDataset):
+        def __getitem__(self, index):
+            decoded.append(index)
+            return super().__getitem__(index)
+
+    counted = MismatchedSounds(Counting(prompts.sources, 48, 64))
+    for i in range(n):
+        counted[i]
+    assert decoded == [0, 1, 2, 3, 0]
     # the module scores the swapped prompts (two test clips: each with the other's sounds)
     test_prompts = synth_prompt_set(synth_set, "test")
     module = evaluate_localization(backbone, test_prompts, batch_size=2, trainer_options=CPU,

@@ -383,22 +383,32 @@ class MismatchedSounds(Dataset):
     """A control for sound-prompted segmentation: the images, masks and classes of source `i`, prompted
     with the sounds of source `i + 1` (cyclically; a source with fewer sounds than images lends them
     in turn). Maps that follow the sound score lower than with the right sounds; maps that ignore it
-    (objectness, a shared direction of the tokens) score the same."""
+    (objectness, a shared direction of the tokens) score the same.
+
+    Sources are read in order, so the lender decoded for source `i` is kept to serve as source `i + 1`
+    itself: each source is decoded once, not twice."""
 
     def __init__(self, prompts: PromptDataset) -> None:
         if len(prompts) < 2:
             raise ValueError("the mismatched-sound control needs at least two sources to swap sounds between")
         self.prompts = prompts
+        self._last: tuple[int, dict] | None = None  # (index, decoded item) of the latest lender
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def _decoded(self, index: int) -> dict:
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
+        return self.prompts[index]
+
     def __getitem__(self, index: int) -> dict:
-        item = self.prompts[index]
+        item = self._decoded(index)
         if "rejection" in item:
             return item
         lender = (index + 1) % len(self.prompts)
-        other = self.prompts[lender]
+        other = self._decoded(lender)
+        self._last = (lender, other)
         if "rejection" in other:
             return {
                 "rejection": Rejection(
