@@ -93,3 +93,15 @@ def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path)
         + InfoNCE()(out.global_audio[4:], out.global_video[4:])[0]
     ) / 2
     assert abs(half_loss.item() - out.contrastive.item()) > 1e-3
+
+
+def test_release_process_group_destroys_the_default_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from avsync.distributed import release_process_group
+
+    release_process_group()  # none yet: nothing to do, no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    release_process_group()
+    assert not dist.is_initialized()
