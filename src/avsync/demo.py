@@ -39,11 +39,17 @@ class Row:
     untrained: float
     chance: float
 
+    @property
+    def margin(self) -> float:
+        """How far the trained model is above the better of its two baselines (negative: below)."""
+        return self.trained - max(self.untrained, self.chance)
+
     def cells(self) -> list[str]:
         return [
             self.task,
             self.metric,
             *(f"{100 * v:6.1f}" for v in (self.trained, self.untrained, self.chance)),
+            f"{100 * self.margin:+6.1f}",
         ]
 
 
@@ -55,7 +61,7 @@ class DemoRun:
     checkpoint: Path | None = None
 
     def table(self) -> str:
-        header = ["task", "metric", "trained", "untrained", "chance"]
+        header = ["task", "metric", "trained", "untrained", "chance", "margin"]
         cells = [header, *(row.cells() for row in self.rows)]
         widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
         lines = [
@@ -65,11 +71,12 @@ class DemoRun:
             for line in cells
         ]
         lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(lines) + "\n(all values in %; held-out synthetic clips)"
+        footer = "(all values in %; held-out synthetic clips; margin: trained minus the better baseline)"
+        return "\n".join([*lines, footer])
 
     def to_json(self) -> dict:
         return {
-            "rows": [row.__dict__ for row in self.rows],
+            "rows": [{**row.__dict__, "margin": row.margin} for row in self.rows],
             "timings_s": self.timings,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }

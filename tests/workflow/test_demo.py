@@ -10,6 +10,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from avsync.demo import DemoRun, Row
 from avsync.loading import load_backbone
 from tests.conftest import SHARED
 
@@ -36,8 +37,19 @@ def test_demo_writes_every_task_beside_its_baselines(demo_run):
     assert retrieval_chance and all(c == pytest.approx(1 / 3) for c in retrieval_chance)  # 3 held-out clips
     assert Path(results["checkpoint"]).is_file()
     assert "pretrain" in results["timings_s"]
+    for row in results["rows"]:
+        assert row["margin"] == pytest.approx(row["trained"] - max(row["untrained"], row["chance"]))
     table = demo_run.table()
     assert "trained" in table and "sound-prompted segmentation" in table
+
+
+def test_margin_column_is_trained_minus_the_better_baseline():
+    above = Row("retrieval", "R@1", trained=0.9, untrained=0.2, chance=0.3)
+    below = Row("localization", "mAP", trained=0.06, untrained=0.10, chance=0.09)
+    assert above.margin == pytest.approx(0.6) and below.margin == pytest.approx(-0.04)
+    table = DemoRun(Path("."), rows=[above, below]).table().splitlines()
+    assert table[0].split()[-1] == "margin"
+    assert table[2].split()[-1] == "+60.0" and table[3].split()[-1] == "-4.0"
 
 
 def test_demo_checkpoint_is_the_trained_tiny_model(demo_run):
