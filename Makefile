@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo notebooks bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/avsync demo $(DEMO_ARGS)
+
+# runs the notebooks top to bottom on the demo's outputs (run `make demo` first); executed copies go to
+# shards/demo/notebooks/, the tracked notebooks stay as they are
+notebooks: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[notebooks]'
+	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir shards/demo/notebooks notebooks/*.ipynb
 
 bench: $(STAMP)
 	$(BIN)/python -m avsync.bench $(BENCH_ARGS)

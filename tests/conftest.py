@@ -61,4 +61,6 @@ def demo_run(tmp_path_factory):
         "--trainer.check_val_every_n_epoch=1",
         "--model.init_args.log_images_every_n_steps=4",
     ]
-    return run_demo(workdir, clips=15, classes=4, epochs=2, probe_epochs=2, workers=1, fit_args=fit_args)
+    return run_demo(
+        workdir, clips=15, classes=4, epochs=2, probe_epochs=2, workers=1, fit_args=fit_args, mae_epochs=1
+    )

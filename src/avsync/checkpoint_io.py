@@ -1,16 +1,74 @@
-"""Reading weight files without executing code: `torch.load(weights_only=True)` or safetensors."""
+"""Reading weight files without executing code: `torch.load(weights_only=True)` or safetensors.
+
+Every pickle avsync reads (tools, `avsync.load`, and Lightning's resume through `AtomicCheckpointIO`)
+goes through `load_pickle`, which passes `weights_only=True` explicitly: on the torch versions avsync
+accepts, an explicit `True` wins over `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`, and the weights-only
+unpickler has no known way to run code (older ones did: CVE-2025-32434 before 2.6, CVE-2026-24747
+before 2.10). A torch older than that is refused rather than trusted.
+"""
 
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from torch.torch_version import TorchVersion
+
+#: The oldest torch whose weights-only loader avsync trusts (keep equal to pyproject.toml's floor).
+MIN_SAFE_TORCH = "2.10"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, or not the shape the model expects."""
+
+
+def looks_like_safetensors(path: str | Path) -> bool:
+    """Whether the file starts like a safetensors file (8-byte header length, then a JSON object)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] < 100_000_000
+
+
+def _is_pickle_or_zip(source: str | Path | IO[bytes]) -> bool:
+    """Whether the data starts as a pickle (PROTO opcode) or a zip (torch's format) does."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as handle:
+                head = handle.read(2)
+        else:
+            source.seek(0)
+            head = source.read(2)
+    except (OSError, ValueError):
+        return True  # unknown: keep the stricter wording
+    return head[:1] == b"\x80" or head == b"PK"
+
+
+def load_pickle(source: str | Path | IO[bytes], name: str, map_location: Any = "cpu") -> Any:
+    """`torch.load(source, weights_only=True)`; every failure is a `CheckpointError` naming `name`."""
+    if TorchVersion(torch.__version__) < MIN_SAFE_TORCH:
+        raise CheckpointError(
+            f"{name}: refused to load: torch {torch.__version__} cannot read pickles safely (its "
+            f"weights-only loader can be made to run code); install torch>={MIN_SAFE_TORCH}"
+        )
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:  # the weights-only unpickler met something it will not run
+        detail = str(error.__context__ or error).strip()  # torch wraps the short reason in a long text
+        if "GLOBAL" not in detail and not _is_pickle_or_zip(source):
+            raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({detail})") from None
+        raise CheckpointError(
+            f"{name}: refused to load: the file holds objects that need code execution to unpickle "
+            f"(only tensors, numbers, strings and containers are accepted). Details: {detail}"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
+        detail = str(error).split("\n")[0] or type(error).__name__
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({detail})") from None
 
 
 def read_weights(path: str | Path) -> Any:
@@ -27,16 +85,12 @@ def read_weights(path: str | Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if looks_like_safetensors(path):
         raise CheckpointError(
-            f"{path}: refused to load: the file holds objects that need code execution to unpickle "
-            f"(only tensors, numbers, strings and containers are accepted). Details: {error}"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+            f"{path}: this is a safetensors file, not a PyTorch checkpoint; give it the .safetensors suffix"
+        )
+    return load_pickle(path, str(path))
 
 
 def state_dict_of(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -50,3 +104,18 @@ def state_dict_of(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tenso
         if tensors and len(tensors) == len(obj):
             return tensors
     raise CheckpointError(f"{source}: no state dict (a mapping of names to tensors) found")
+
+
+def check_backed_by_data(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse tensors that promise more values than the file holds (stride-0 or overlapping views of
+    one small storage): a few bytes on disk could otherwise make a loader build a model of any size."""
+    declared = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    storages = {
+        (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()) for tensor in state.values()
+    }
+    held = sum(nbytes for _, nbytes in storages)
+    if declared > held:
+        raise CheckpointError(
+            f"{source}: its tensors declare {declared} bytes but hold only {held} (broadcast or "
+            "overlapping views of a smaller storage, not weights)"
+        )

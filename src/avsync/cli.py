@@ -8,7 +8,9 @@ avsync demo                                              # the end-to-end CPU de
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import sys
 
 #: Lightning subcommands, run through LightningCLI (configs in `configs/`).
@@ -27,7 +29,116 @@ TOOLS: dict[str, tuple[str, str]] = {
     "embed": ("avsync.api:embed_main", "videos -> per-time-step embeddings (npz or parquet)"),
     "export": ("avsync.api:export_main", "a checkpoint -> backbone weights + config as safetensors"),
     "demo": ("avsync.demo:main", "synthesize, prepare, pretrain and evaluate the tiny model on CPU"),
+    "config": ("avsync.recipes:main", "print a shipped recipe (`avsync config --list` names them)"),
 }
+
+
+#: Modules whose LightningModule / LightningDataModule subclasses `--model` and `--data` accept by their
+#: short names (`--model PretrainModule`, `--model.help PretrainModule`) and list in `--help`.
+REGISTERED_MODULES = (
+    "avsync.tasks",
+    "avsync.tasks.retrieval",
+    "avsync.tasks.localization",
+    "avsync.tasks.probe",
+    "avsync.data.datamodule",
+    "avsync.tasks.probe.data",
+)
+
+
+def register_classes() -> None:
+    """Import the task and data modules: jsonargparse finds subclasses through `__subclasses__`, so only
+    classes imported before the parser is built are known by name."""
+    for module in REGISTERED_MODULES:
+        importlib.import_module(module)
+
+
+def backbone_setting(model, name: str):
+    """`model.backbone.<name>` (through a frozen backbone's `.model`), else the model's own `<name>` (a
+    module without a backbone, such as the image-MAE stage), or None when neither has it."""
+    backbone = getattr(model, "backbone", None)
+    backbone = getattr(backbone, "model", backbone)
+    return getattr(backbone, name, getattr(model, name, None))
+
+
+def avsync_cli_class():
+    """LightningCLI where the config file and the command line alone configure a run.
+
+    Lightning's CLI merges the hyper-parameters stored in a `--ckpt_path` FILE into the config (a stored
+    `lr` replaced the config's, command-line overrides were dropped, and a stored `_class_path` was
+    imported); here a checkpoint only restores state. Every subcommand reads it weights-only through
+    `AtomicCheckpointIO`, which is also told what the file must hold for this run.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    from avsync.training import AtomicCheckpointIO
+
+    class AVSyncCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            """The data module's input sizes come from the model's backbone, once both are built (a data
+            module without these arguments, such as the probe's feature cache, is left as it is)."""
+            for name in ("image_size", "audio_length"):
+                parser.link_arguments(
+                    "model",
+                    f"data.init_args.{name}",
+                    compute_fn=functools.partial(backbone_setting, name=name),
+                    apply_on="instantiate",
+                )
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # no `--weights_only` option: a checkpoint is always read weights-only
+            return {name: skip | {"weights_only"} for name, skip in LightningCLI.subcommands().items()}
+
+        def _parse_ckpt_path(self) -> None:
+            """Nothing: the checkpoint's hyper-parameters never override the config."""
+
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            """One model summary: the default `SummaryWithoutFlops` (in `trainer_defaults`, which LightningCLI
+            appends to every run's callbacks) is dropped where the run configures a `ModelSummary` of its
+            own (the demo's, a `RichModelSummary`) or turns the summary off; and as one is then in the
+            callbacks, the Trainer is told not to look for it (it would say so in an info line)."""
+            from lightning.pytorch.callbacks import ModelSummary
+
+            from avsync.training.console import SummaryWithoutFlops
+
+            given = config.get("callbacks")
+            given = [] if given is None else given if isinstance(given, list) else [given]
+            own = any(isinstance(callback, ModelSummary) for callback in [*given, *callbacks])
+            off = config.get("enable_model_summary") is False or bool(config.get("barebones"))
+            if own or off:
+                defaults = self.trainer_defaults.get("callbacks") or []
+                defaults = [c for c in defaults if not isinstance(c, SummaryWithoutFlops)]
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+            if not off:
+                config["enable_model_summary"] = False  # a ModelSummary is among the callbacks
+            return super()._instantiate_trainer(config, callbacks)
+
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            io = self.trainer.strategy.checkpoint_io
+            if isinstance(io, AtomicCheckpointIO):
+                io.expect(self.model, training_state=subcommand == "fit")
+            if "weights_only" in inspect.signature(getattr(self.trainer, subcommand)).parameters:
+                kwargs["weights_only"] = True  # explicit: torch's default and its env override play no part
+            return kwargs
+
+    return AVSyncCLI
+
+
+def trainer_defaults() -> dict:
+    """What every LightningCLI run's Trainer gets besides its config."""
+    from avsync.data.skips import LogSkippedSamples
+    from avsync.training import CheckpointOnSignal
+    from avsync.training.console import SummaryWithoutFlops
+
+    return {
+        # a class path rather than an instance: the saved config.yaml can then show it
+        "plugins": [{"class_path": "avsync.training.AtomicCheckpointIO"}],
+        # always added, whatever the config's callbacks: stop on signals with a checkpoint, log skipped
+        # samples (data/skipped_*, reasons, an end-of-run summary); and a model summary without
+        # Lightning's "Total FLOPs: 0" unless the run has its own (`AVSyncCLI._instantiate_trainer`)
+        "callbacks": [CheckpointOnSignal(), LogSkippedSamples(), SummaryWithoutFlops()],
+    }
 
 
 def lightning_cli(argv: list[str]):
@@ -36,26 +147,59 @@ def lightning_cli(argv: list[str]):
     Every run writes checkpoints atomically and turns SIGTERM/SIGUSR1 into a checkpoint and a clean
     exit (`avsync.training`); a config's own `trainer.plugins` replace the default checkpoint writer.
     """
-    from lightning.pytorch.cli import LightningCLI
+    from avsync.checkpoint_io import CheckpointError
+    from avsync.recipes import resolve_config_args
 
-    from avsync.training import CheckpointOnSignal
-
+    register_classes()
     program = sys.argv
     sys.argv = program[:1]  # `argv` is the whole command line; LightningCLI must not see a second one
     try:
-        return LightningCLI(
+        return avsync_cli_class()(
             subclass_mode_model=True,
             subclass_mode_data=True,
-            args=argv,
+            args=resolve_config_args(argv),  # `--config pretrain/tiny_cpu`: a recipe shipped in the package
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                # a class path rather than an instance: the saved config.yaml can then show it
-                "plugins": [{"class_path": "avsync.training.AtomicCheckpointIO"}],
-                "callbacks": [CheckpointOnSignal()],  # always added, whatever the config's callbacks
-            },
+            trainer_defaults=trainer_defaults(),
         )
+    except CheckpointError as error:  # a bad --ckpt_path: one line, as the tools print it
+        print(f"avsync {argv[0]}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         sys.argv = program
+
+
+#: The tools' argparse parsers, in a module that imports no torch (`tool -> module:fn`); `demo` builds its
+#: own, in a module that is quick to import.
+LIGHT_PARSERS: dict[str, str] = {
+    "retrieve": "avsync.tool_parsers:retrieve",
+    "localize": "avsync.tool_parsers:localize",
+    "segment": "avsync.tool_parsers:segment",
+    "prepare": "avsync.tool_parsers:prepare",
+    "synth": "avsync.tool_parsers:synth",
+    "embed": "avsync.tool_parsers:embed",
+    "export": "avsync.tool_parsers:export",
+    "config": "avsync.tool_parsers:config",
+}
+
+
+def quiet_dependency_warnings() -> None:
+    """A tool prints its results and its own warnings: deprecation notices of its dependencies are for
+    their developers, not for the user (`-W` or PYTHONWARNINGS still decide when given)."""
+    import warnings
+
+    if sys.warnoptions:
+        return
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _is_input_error(error: BaseException) -> bool:
+    """Bad user input (an unreadable checkpoint or video): reported in one line. The classes are looked up
+    only when something failed, so that a tool's start does not pay for importing torch here."""
+    from avsync.checkpoint_io import CheckpointError
+    from avsync.data.errors import DecodeError
+
+    return isinstance(error, (CheckpointError, DecodeError))
 
 
 def usage() -> str:
@@ -81,14 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         release_process_group()
         return 0
     if command in TOOLS:
-        from avsync.checkpoint_io import CheckpointError
-        from avsync.data.errors import DecodeError
-
+        if command in LIGHT_PARSERS:  # help and usage errors before torch is imported (seconds)
+            parser_module, parser_function = LIGHT_PARSERS[command].split(":")
+            getattr(importlib.import_module(parser_module), parser_function)().parse_args(rest)
+        quiet_dependency_warnings()
         module_name, function_name = TOOLS[command][0].split(":")
         try:
             return int(getattr(importlib.import_module(module_name), function_name)(rest) or 0)
-        except (CheckpointError, DecodeError) as error:  # bad user input: one line, no traceback
-            print(f"avsync {command}: error: {error}", file=sys.stderr)
+        except Exception as error:
+            if not _is_input_error(error):
+                raise
+            print(f"avsync {command}: error: {error}", file=sys.stderr)  # one line, no traceback
             return 2
     print(f"avsync: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2

@@ -38,14 +38,19 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_with_grad(tensor: torch.Tensor, equal_sizes: bool = False) -> tuple[torch.Tensor, int]:
     """Concatenate `tensor` (first dim may differ per rank) over all ranks, differentiably.
 
-    Returns the global tensor and the offset of this rank's rows in it.
+    Returns the global tensor and the offset of this rank's rows in it. `equal_sizes`: the caller
+    knows every rank has as many rows as this one, which saves gathering the sizes first (a
+    collective whose result the host must read: a device sync).
     """
     rank, world_size = world()
     if world_size == 1:
         return tensor, 0
+    if equal_sizes:
+        rows = tensor.shape[0]
+        return _GatherWithGrad.apply(tensor, [rows] * world_size), rows * rank
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size)

@@ -14,6 +14,9 @@ precision is allowed, so this module calls oneDNN's linear kernel directly:
   outside autocast; anything else (GPU, bf16, autocast, no oneDNN, `torch.compile`) is plain `F.linear`.
 - `OneDNNLinear` / `use_onednn_linears(model)`: an `nn.Linear` whose forward is `linear` (same
   parameters and state dict), and the in-place switch of a model's linears to it.
+- `use_device_kernels(model, device)`: the CPU kernels (these linears and the explicit reduced-precision
+  attention of `avsync.model.attention`) on CPU, PyTorch's `nn.Linear` and timm's `Attention` anywhere
+  else; `CAVMAESync` calls it whenever it is built or moved, so a GPU run sees the plain classes.
 """
 
 from __future__ import annotations
@@ -103,4 +106,27 @@ def use_onednn_linears(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
+    return model
+
+
+def use_device_kernels(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Give `model` the kernels that are fastest on `device`, in place, by switching classes that add
+    no state (so parameters, hooks and checkpoints are untouched): on CPU `OneDNNLinear` and avsync's
+    `Attention`; on any other device plain `nn.Linear` and timm's `Attention`, where the CPU choices
+    would only add a per-call test."""
+    from timm.layers import Attention as TimmAttention
+
+    from avsync.model.attention import Attention
+
+    on_cpu = torch.device(device).type == "cpu"
+    for module in model.modules():
+        kind = type(module)
+        if on_cpu and kind is nn.Linear:
+            module.__class__ = OneDNNLinear
+        elif on_cpu and kind is TimmAttention and Attention.supports(module):
+            module.__class__ = Attention
+        elif not on_cpu and kind is OneDNNLinear:
+            module.__class__ = nn.Linear
+        elif not on_cpu and kind is Attention:
+            module.__class__ = TimmAttention
     return model

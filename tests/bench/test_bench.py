@@ -226,3 +226,11 @@ def test_render_without_results_names_the_missing_file(tmp_path, capsys):
         str(tmp_path / "benchmarks.json") in capsys.readouterr().err
         and not (tmp_path / "BENCHMARKS.md").exists()
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the row a machine without a GPU writes")
+def test_the_gpu_row_is_skipped_with_its_reason_where_there_is_no_gpu(tmp_path):
+    assert main(["--only", "pretrain_gpu", "--out-dir", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert "no CUDA GPU" in written["results"]["pretrain_gpu"]["skipped"]
+    assert "`pretrain_gpu`: skipped (no CUDA GPU" in (tmp_path / "BENCHMARKS.md").read_text()

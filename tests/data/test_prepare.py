@@ -20,7 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+from avsync.data.labels import ClassList, LabelError, read_labels_csv
 from avsync.data.prepare import FAILURES_NAME, MANIFEST_NAME, main, parse_size, prepare
+from avsync.data.sources import ClipSource, assign_keys, base_key, short_hash
 
 from .conftest import authors_fbank, write_clip
 
@@ -96,7 +98,8 @@ def test_real_clips_match_independent_decoding(real_clips_dir, tmp_path, shared)
     assert read_failures(out) == []
 
     samples = read_shards(out)
-    assert sorted(samples) == ["00W1lcxW-WU_40_000", "KlsG1EnBEjc_000361"]
+    assert sorted(samples) == sorted([base_key("00W1lcxW-WU_40.000"), "KlsG1EnBEjc_000361"])
+    assert base_key("00W1lcxW-WU_40.000").startswith("00W1lcxW-WU_40_000-")  # the dot is gone, hashed
     expected_labels = {
         "00W1lcxW-WU_40.000": ([0, 1], ["Speech", "Male speech, man speaking"]),
         "KlsG1EnBEjc_000361": ([3], ["Child speech, kid speaking"]),
@@ -173,10 +176,12 @@ def test_bad_inputs_land_in_failures_while_the_rest_is_prepared(real_clips_dir, 
     )
     assert summary.clips == 2
     keys = sorted(read_shards(out))
-    assert keys == ["00W1lcxW-WU_40_000", "good"]
+    assert keys == sorted([base_key("00W1lcxW-WU_40.000"), "good"])
     reasons = {Path(f["path"]).relative_to(tmp_path).as_posix(): f["reason"] for f in read_failures(out)}
     expected = {
-        "videos/sub/00W1lcxW-WU_40.000.mp4": "duplicate clip id of " + str(videos / "00W1lcxW-WU_40.000.mp4"),
+        "videos/sub/00W1lcxW-WU_40.000.mp4": "duplicate clip id of "
+        + str(videos / "00W1lcxW-WU_40.000.mp4")
+        + ", with the same content; the first is kept",
         "videos/mislabeled.mp4": "label 'Unicorn song' is not in",
         "videos/truncated.mp4": "not a readable media container (not audio/video, or truncated)",
         "videos/mute.mp4": "no audio stream",
@@ -347,3 +352,70 @@ def test_a_cavmae_datafile_is_converted_with_frames_as_given_and_audio_through_t
 )
 def test_sizes_are_read_with_units(text, size):
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "clip_id, key",
+    [
+        ("abc_DEF-1", "abc_DEF-1"),  # nothing lost: as is
+        ("a.b", "a_b-" + short_hash("a.b")),
+        ("café", "cafe-" + short_hash("café")),  # accents dropped, readable
+        ("日本", "__-" + short_hash("日本")),
+        ("", "_-" + short_hash("")),
+        ("x" * 100, "x" * 71 + "-" + short_hash("x" * 100)),
+    ],
+)
+def test_base_keys_are_ascii_without_dots_and_hash_whatever_they_lose(clip_id, key):
+    assert base_key(clip_id) == key
+    assert len(base_key(clip_id)) <= 80
+
+
+def test_assign_keys_never_shares_a_key_and_drops_only_the_same_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name, data in [("a/x.mp4", b"one"), ("b/x.mp4", b"two"), ("X.mp4", b"three"), ("a_b.mp4", b"4")]:
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "b" / "copy").mkdir()
+    (tmp_path / "b" / "copy" / "x.mp4").write_bytes(b"one")  # same id, same bytes as a/x.mp4
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "a_b.mp4")  # another name for a file listed already
+
+    def source(name: str) -> ClipSource:
+        return ClipSource(clip_id=Path(name).stem, path=str(tmp_path / name), origin=name)
+
+    names = ["a/x.mp4", "b/x.mp4", "X.mp4", "b/copy/x.mp4", "a_b.mp4", "a_b.mp4"]
+    kept, dropped, shared = assign_keys([source(n) for n in names])
+    assert [s.key for s in kept] == ["x", "x-" + short_hash("b/x.mp4"), "X-" + short_hash("X.mp4"), "a_b"]
+    assert [Path(d["path"]).relative_to(tmp_path).as_posix() for d in dropped] == ["b/copy/x.mp4", "a_b.mp4"]
+    assert "with the same content" in dropped[0]["reason"] and "listed twice" in dropped[1]["reason"]
+    assert shared == {"x": [str(tmp_path / "a/x.mp4"), str(tmp_path / "b/x.mp4")]}
+    # the same names give the same keys, whatever else is listed after them
+    again, _, _ = assign_keys([source(n) for n in names[:2]])
+    assert [s.key for s in again] == [s.key for s in kept[:2]]
+    # a symbolic link to a file already listed is the same input
+    _, linked, _ = assign_keys(
+        [source("a_b.mp4"), ClipSource("link", str(tmp_path / "link.mp4"), origin="l")]
+    )
+    assert len(linked) == 1 and "listed twice" in linked[0]["reason"]
+
+
+def test_label_files_are_checked_line_by_line(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes('\ufeffclip_id,labels\nx,"a, b"\nx,a\ny,c\n'.encode())
+    rows, problems = read_labels_csv(labels)
+    assert {k: (v.labels, v.line) for k, v in rows.items()} == {"x": (("a", "b"), 2), "y": (("c",), 4)}
+    assert problems == [
+        f"{labels}:3: clip 'x' listed again with other labels ['a'] (line 2: ['a', 'b']); keeping line 2"
+    ]
+    classes = tmp_path / "classes.csv"
+    classes.write_text("display_name,index,mid\nDog,0,/m/dog\nCat,1,/m/cat\n")  # columns in any order
+    class_list = ClassList.from_csv(classes)
+    assert [class_list.resolve(t) for t in ("/m/cat", "Dog", "1")] == [1, 0, 1]
+    for label in ("²", "٣", "2", "-1", " 1"):
+        with pytest.raises(LabelError, match="is not in"):
+            class_list.resolve(label)
+    classes.write_text("index,mid,display_name\n0,/m/dog,Dog\n2,/m/cat,Cat\n")
+    with pytest.raises(LabelError, match="class indices must be 0..1 without gaps"):
+        ClassList.from_csv(classes)
+    classes.write_bytes(b'index,mid,display_name\n0,/m/dog,Dog\n1,/m/cat,"Cat\n')
+    with pytest.raises(LabelError, match=r"classes.csv:3: "):
+        ClassList.from_csv(classes)

@@ -344,3 +344,133 @@ def test_fractional_frame_rates_keep_exact_timestamps_and_ground_truth(fps, dura
         frame_on_screen(times, t) for t in frame_times(duration, 16)
     ]
     assert float(stream.duration * stream.time_base) == pytest.approx(duration, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ speechlike
+# The kind's own defaults (stereo 22.05 kHz, 320x240, 8 fps), 3-s clips.
+SPEECH = dict(clips=2, classes=8, kind="speechlike", duration=3.0, events=(2, 3), min_event=1.0)
+OBJECT_SATURATION = 120  # bright object pixels are above it; clutter (half grey or more) stays below
+
+
+@pytest.fixture(scope="module")
+def speech_set(tmp_path_factory) -> SynthManifest:
+    return synthesize(tmp_path_factory.mktemp("synth") / "speech", seed=0, workers=0, **SPEECH)
+
+
+def decode_stereo(path: Path) -> tuple[np.ndarray, int]:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        samples = np.concatenate([frame.to_ndarray() for frame in container.decode(stream)], axis=1)
+        return samples, stream.codec_context.sample_rate
+
+
+def test_speechlike_files_are_stereo_22k_320x240_at_8_fps(speech_set):
+    assert speech_set.config.kind == "speechlike"
+    for clip in speech_set.clips:
+        times, frames, stream = decode_video(speech_set.video(clip.clip_id))
+        assert (stream.codec_context.width, stream.codec_context.height) == (320, 240)
+        assert frames[0].shape == (240, 320, 3)
+        assert times == pytest.approx([i / 8 for i in range(24)], abs=1e-9)
+        samples, rate = decode_stereo(speech_set.video(clip.clip_id))
+        assert rate == 22050 and samples.shape[0] == 2 and samples.shape[1] >= 3 * 22050
+        left, right = samples[:, : 3 * 22050]
+        assert np.corrcoef(left, right)[0, 1] < 0.95  # independent noise per channel, panned voice
+        annotation = speech_set.annotation(clip.clip_id)
+        assert annotation["size"] == [320, 240] and annotation["kind"] == "speechlike"
+
+
+def test_speechlike_masks_follow_a_moving_object_beside_a_distractor_of_another_class(speech_set):
+    moved = 0
+    for clip in speech_set.clips:
+        annotation = speech_set.annotation(clip.clip_id)
+        times, frames, _ = decode_video(speech_set.video(clip.clip_id))
+        frame_info = annotation["frames"]
+        for i, t in enumerate(frame_info["times"]):
+            mask = np.asarray(Image.open(speech_set.out_dir / frame_info["masks"][i])) > 0
+            assert mask.shape == (240, 320)
+            inner, outer = ~grown(~mask, 3), ~grown(mask, 3)
+            pixels = frames[frame_on_screen(times, t)].astype(np.float64)
+            bright = saturation(pixels) > OBJECT_SATURATION
+            shown = frame_info["class_indices"][i]
+            colour_class, distance = nearest_class_by_colour(speech_set, pixels[inner & bright].mean(0))
+            assert colour_class == shown and distance < 0.06, (clip.clip_id, i)
+            # Outside the sounding object, the only strongly coloured thing is the distractor: another class.
+            others = pixels[outer & bright]
+            assert len(others) > 200, (clip.clip_id, i)
+            assert nearest_class_by_colour(speech_set, others.mean(0))[0] != shown
+        for event in annotation["events"]:  # within an event the object's box moves from frame to frame
+            inside = [
+                box
+                for box, frame in zip(frame_info["boxes"], frame_info["video_frames"], strict=True)
+                if event["start_frame"] <= frame < event["end_frame"]
+            ]
+            if len(inside) >= 2:  # objects cross most of the frame over an event: no two frames alike
+                assert len({tuple(box) for box in inside}) == len(inside), (clip.clip_id, event)
+                moved += 1
+            x0, y0, x1, y1 = event["box"]
+            assert all(x0 <= b[0] and y0 <= b[1] and b[2] <= x1 and b[3] <= y1 for b in inside)
+    assert moved >= 2
+
+
+def test_speechlike_voice_is_panned_with_the_object(speech_set):
+    """The louder channel is the side of the frame the object is on: left-right energy differences at
+    the event's first and last annotated frames have the signs of the object's positions there."""
+    checked = 0
+    for clip in speech_set.clips:
+        annotation = speech_set.annotation(clip.clip_id)
+        samples, rate = decode_stereo(speech_set.video(clip.clip_id))
+        frame_info = annotation["frames"]
+        for t, box in zip(frame_info["times"], frame_info["boxes"], strict=True):
+            centre = (box[0] + box[2]) / 2 / 320
+            if abs(centre - 0.5) < 0.15:
+                continue
+            around = samples[:, round((t - 0.15) * rate) : round((t + 0.15) * rate)] if t >= 0.15 else None
+            if around is None:
+                continue
+            left, right = np.sqrt((around**2).mean(axis=1))
+            assert (right > left) == (centre > 0.5), (clip.clip_id, t, centre, left, right)
+            checked += 1
+    assert checked >= 4
+
+
+def test_speechlike_words_are_told_apart_by_their_log_mel_profiles_across_speakers():
+    """Two random speakers saying each class's word: every word is nearer its own other utterance than
+    any other word's (mean-over-time 128-bin fbank profiles, no noise), so the sound carries the class."""
+    from avsync.data.synth.speechlike import render_speech, speech_catalogue
+
+    classes = speech_catalogue(8)
+    assert len({c.word for c in classes}) == 8 and len({c.pitch_hz for c in classes}) == 8
+    waves = [
+        render_speech(synth_class, np.random.default_rng([speaker, synth_class.index]), 22050, 22050)
+        for speaker in range(2)
+        for synth_class in classes
+    ]
+    fbank = authors_fbank(torch.from_numpy(np.concatenate(waves))[None], 22050)  # one call: 100 frames each
+    profiles = []
+    for i in range(len(waves)):
+        utterance = fbank[i * 100 + 2 : (i + 1) * 100 - 2]
+        profile = utterance.mean(0) - utterance.mean()
+        profiles.append(profile / profile.norm())
+    first, second = torch.stack(profiles[:8]), torch.stack(profiles[8:])
+    similarity = first @ second.T
+    assert (similarity.argmax(dim=1) == torch.arange(8)).all(), similarity
+
+
+def test_kind_defaults_sizes_and_the_cli(tmp_path, capsys):
+    from avsync.data.synth.generate import parse_size
+
+    assert parse_size("320x240") == (320, 240) and parse_size(128) == (128, 128)
+    with pytest.raises(ValueError, match="SIDE or WxH"):
+        parse_size("wide")
+    out = tmp_path / "set"
+    args = ["--kind", "speechlike", "--clips", "1", "--classes", "3", "--duration", "2", "--min-event", "0.5"]
+    assert main([str(out), *args, "--size", "96x64", "--channels", "1", "--workers", "0"]) == 0
+    manifest = load_synth(out)
+    assert (manifest.config.size, manifest.config.frame_height, manifest.config.channels) == (96, 64, 1)
+    assert manifest.config.sample_rate == 22050 and manifest.config.fps == 8  # the kind's defaults
+    with av.open(str(manifest.video(manifest.clips[0].clip_id))) as container:
+        assert container.streams.audio[0].codec_context.channels == 1
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (96, 64)
+    assert "word" in json.loads((out / "synth.json").read_text())["classes"][0]
+    assert main([str(tmp_path / "bad"), "--clips", "1", "--classes", "2", "--size", "33x20"]) == 2
+    assert "even numbers" in capsys.readouterr().err

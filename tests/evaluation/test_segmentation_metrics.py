@@ -9,6 +9,7 @@ from avsync.evaluation.segmentation import (
     adjusted_rand_index,
     boundaries,
     boundary_f1,
+    choose_segment_count,
     first_appearance_order,
     segment_frames,
 )
@@ -95,3 +96,28 @@ def test_tied_merge_heights_fall_back_to_kmeans():
     assert result.method == "kmeans"
     assert len(set(result.labels.tolist())) == 3
     assert segment_frames(corners, 4, linkage="single").method == "agglomerative"
+
+
+@pytest.mark.parametrize(
+    "truth",
+    [
+        [0] * 8 + [1] * 8,
+        [0] * 5 + [1] * 6 + [2] * 5,
+        [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4,
+        [0] * 5 + [1] * 6 + [0] * 5,
+    ],
+)
+def test_the_silhouette_chooses_the_number_of_events(truth):
+    choice = choose_segment_count(clustered_features(truth, spread=0.5))
+    assert choice.count == len(set(truth))
+    assert set(choice.silhouettes) == set(range(2, 9))
+    assert choice.silhouettes[choice.count] == max(choice.silhouettes.values())
+
+
+def test_the_segment_count_choice_is_bounded_by_the_clip():
+    features = clustered_features([0, 0, 1, 1, 2])
+    assert set(choose_segment_count(features, max_segments=8).silhouettes) == {2, 3, 4}  # K <= T - 1
+    assert choose_segment_count(features, max_segments=2).count == 2
+    assert choose_segment_count(clustered_features([0, 1]), max_segments=8).count == 2  # no choice to make
+    with pytest.raises(ValueError, match="max_segments"):
+        choose_segment_count(features, max_segments=1)

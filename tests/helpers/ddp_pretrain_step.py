@@ -34,10 +34,30 @@ def main(inputs_path: str, out_path: str) -> None:
     terms = torch.stack([out.loss, out.contrastive, out.contrastive_accuracy]).detach()
     dist.all_reduce(terms)
     terms /= world
+    grads = {name: p.grad.clone() for name, p in model.module.named_parameters()}
+    # The same step with equal batch sizes declared (no gather of the sizes): the same numbers.
+    model.zero_grad()
+    model.module.contrastive.equal_batches = True
+    again = model(
+        inputs["audio"][part],
+        inputs["video"][part],
+        noise_a=inputs["noise_a"][part],
+        noise_v=inputs["noise_v"][part],
+    )
+    again.loss.backward()
+    equal_grads = {name: p.grad for name, p in model.module.named_parameters()}
     if rank == 0:
-        grads = {name: p.grad for name, p in model.module.named_parameters()}
         torch.save(
-            {"loss": terms[0], "contrastive": terms[1], "accuracy": terms[2], "grads": grads}, out_path
+            {
+                "loss": terms[0],
+                "contrastive": terms[1],
+                "accuracy": terms[2],
+                "grads": grads,
+                "equal_batches_loss": again.loss.detach(),
+                "local_loss": out.loss.detach(),
+                "equal_batches_grads": equal_grads,
+            },
+            out_path,
         )
     dist.barrier()
     dist.destroy_process_group()

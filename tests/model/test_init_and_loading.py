@@ -11,7 +11,7 @@ from timm.models.vision_transformer import Block
 
 from avsync.checkpoint_io import CheckpointError, read_weights
 from avsync.model import CAVMAESync
-from avsync.model.interop import init_from_mae
+from avsync.model.interop import AUTHORS_FIXED, authors_key, init_from_mae, load_authors_checkpoint
 
 SMALL = dict(
     image_size=32, audio_length=32, mel_bins=32, embed_dim=32, num_heads=2, encoder_depth=2,
@@ -94,3 +94,53 @@ def test_unreadable_checkpoints_name_the_file(tmp_path):
     garbage.write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="garbage.safetensors"):
         read_weights(garbage)
+
+
+# ------------------------------------------------------------------------------ the authors' files
+AUTHORS_SMALL = {**SMALL, "mel_bins": 128}  # the authors' audio grid is always 128 mel bins
+HEADS = {"num_heads": 2, "decoder_num_heads": 2}  # what the weights cannot reveal
+
+
+def authors_state(model: CAVMAESync) -> dict[str, torch.Tensor]:
+    """`model`'s weights under the authors' key names, as their `CAVMAE` class would save them."""
+    state = {authors_key(k): v for k, v in model.state_dict().items() if not k.startswith("registers.")}
+    if model.registers.count:
+        state["register_tokens"] = torch.cat([model.registers.audio, model.registers.video])
+    tables = {avsync: authors for authors, avsync in AUTHORS_FIXED.items()}
+    state |= {tables[name]: buffer for name, buffer in model.named_buffers() if name in tables}
+    return state
+
+
+def test_authors_names_round_trip():
+    model = CAVMAESync(**AUTHORS_SMALL)
+    loaded = load_authors_checkpoint(authors_state(model), **HEADS)
+    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_missing_encoder_block_is_named_as_the_file_names_it():
+    state = authors_state(CAVMAESync(**AUTHORS_SMALL))
+    state = {k: v for k, v in state.items() if not k.startswith("blocks_a.1.")}
+    with pytest.raises(CheckpointError) as error:
+        load_authors_checkpoint(state, **HEADS)
+    message = str(error.value)
+    assert "missing blocks_a.1.* (avsync audio_encoder.1.*)" in message
+    assert "unexpected" not in message and "blocks_v" not in message
+
+
+def test_errors_name_the_format_being_loaded():
+    sync = authors_state(CAVMAESync(**AUTHORS_SMALL))
+    cavmae = authors_state(CAVMAESync(**{**AUTHORS_SMALL, "num_registers": 0, "global_token": False}))
+    assert "cls_token_a" not in cavmae and "register_tokens" not in cavmae
+    for state, name in ((sync, "CAV-MAE Sync"), (cavmae, "CAV-MAE")):
+        del state["decoder_norm.weight"]
+        with pytest.raises(CheckpointError, match=rf"cannot load as {name}: missing decoder_norm.weight"):
+            load_authors_checkpoint(state, **HEADS)
+
+
+@pytest.mark.parametrize("switch", ["keep_register_tokens", "global_local_losses"])
+def test_authors_switches_avsync_does_not_implement_are_refused(switch):
+    state = authors_state(CAVMAESync(**AUTHORS_SMALL))
+    load_authors_checkpoint(state, **HEADS, **{switch: False})  # the released setting: accepted
+    with pytest.raises(CheckpointError, match=rf"{switch}=True is not supported"):
+        load_authors_checkpoint(state, **HEADS, **{switch: True})

@@ -145,3 +145,31 @@ def test_the_default_fused_adam_steps_like_the_multi_tensor_one():
         stepped.append([p.detach() for p in parameters])
     for ours, reference in zip(*stepped, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_timms_attention_still_has_the_internals_avsyncs_forward_reads():
+    """Fails by name when a timm release drops or renames what `Attention.forward` uses."""
+    from avsync.model.attention import TIMM_INTERNALS
+
+    layer = TimmAttention(64, num_heads=4, qkv_bias=True)
+    missing = [name for name in TIMM_INTERNALS if not hasattr(layer, name)]
+    assert not missing, f"timm's Attention no longer has {missing}: update avsync.model.attention"
+    assert getattr(layer, "gate", None) is None, "timm's Attention gained a default gate: update avsync"
+    assert Attention.supports(layer)
+    assert not Attention.supports(TimmAttention(64, num_heads=4, attn_drop=0.1))
+
+
+def kernel_classes(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules() if isinstance(m, nn.Linear | TimmAttention)}
+
+
+def test_cpu_kernels_only_while_the_model_is_on_cpu():
+    model = CAVMAESync.from_preset("tiny")
+    assert kernel_classes(model) == {OneDNNLinear, Attention}
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.to("meta")  # a stand-in for a GPU: any device other than the CPU
+    assert kernel_classes(model) == {nn.Linear, TimmAttention}
+    model.to_empty(device="cpu").load_state_dict(state)
+    assert kernel_classes(model) == {OneDNNLinear, Attention}
+    with torch.device("meta"):  # built directly on another device: the plain classes from the start
+        assert kernel_classes(CAVMAESync.from_preset("tiny")) == {nn.Linear, TimmAttention}

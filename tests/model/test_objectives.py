@@ -87,6 +87,10 @@ def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path)
         expected, actual = parameter.grad, ddp["grads"][name]
         error = (actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)
         assert error < 1e-5, f"{name}: relative gradient error {error:.2e}"
+    # `equal_batches` (no gather of the batch sizes) computes the same step.
+    assert torch.equal(ddp["equal_batches_loss"], ddp["local_loss"])
+    for name, grad in ddp["equal_batches_grads"].items():
+        assert torch.equal(grad, ddp["grads"][name]), name
     # Sanity of the comparison itself: local-only negatives would give a different contrastive loss.
     half_loss = (
         InfoNCE()(out.global_audio[:4], out.global_video[:4])[0]

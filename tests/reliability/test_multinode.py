@@ -127,7 +127,7 @@ def test_two_nodes_split_shards_share_negatives_agree_on_skips_and_stops_and_sav
         "Multi-node",
         "SIGTERM to one node",
         "kill -TERM to the torchrun of the node without rank 0 (it forwards the signal to its worker)",
-        "both ranks stop after the same step (the signal is all-reduced at every step end); rank 0 writes "
+        "both ranks stop after the same step (the signal is all-reduced every 10 steps); rank 0 writes "
         "last.ckpt and says so; no hang",
     )
     reliability.record(

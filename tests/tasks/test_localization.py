@@ -1,10 +1,14 @@
 """Sound-prompted segmentation: heat-map geometry, prompt decoding, LocalizationModule in real Lightning
-test runs, and `avsync localize` end to end on a small synthetic set and a CSV manifest."""
+test runs, `avsync localize` end to end on a small synthetic set and a CSV manifest, and the same run
+through `avsync test --config configs/localization/synth_tiny.yaml`."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +21,21 @@ from avsync.data.alignment import window_center
 from avsync.data.clip import extract_video_clip
 from avsync.data.synth import load_synth, synthesize
 from avsync.data.transforms import CenterFrame, frames_to_tensor
-from avsync.evaluation.localization import localization_metrics
+from avsync.evaluation.localization import localization_metrics, normalize_maps, upsample_maps
 from avsync.model import CAVMAESync
 from avsync.tasks import PretrainModule
-from avsync.tasks.localization import evaluate_localization, main, similarity_maps, sound_prompted_maps
+from avsync.tasks.evaluation_trainer import evaluation_trainer
+from avsync.tasks.localization import (
+    LocalizationModule,
+    Overlay,
+    control_figure,
+    evaluate_localization,
+    main,
+    similarity_maps,
+    sound_prompted_maps,
+)
 from avsync.tasks.localization_data import (
+    LocalizationDataModule,
     MismatchedSounds,
     PromptDataset,
     collate_prompts,
@@ -30,7 +44,7 @@ from avsync.tasks.localization_data import (
     synth_prompt_set,
 )
 from avsync.tasks.visualize import denormalize_frame
-from tests.conftest import VIDEO_TEST_BACKBONE
+from tests.conftest import REPO_ROOT, VIDEO_TEST_BACKBONE
 
 CPU = {"accelerator": "cpu"}
 
@@ -57,18 +71,25 @@ def write_checkpoint(backbone: CAVMAESync, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- heat maps
-def test_similarity_map_is_the_patch_cosine_on_the_row_major_grid_upsampled():
+def test_similarity_map_is_the_patch_cosine_on_the_row_major_grid():
     audio = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    patches = -audio.repeat(9, 1)[None]  # (1, 9, 4): every patch opposite to the sound ...
+    patches = -audio.repeat(6, 1)[None]  # (1, 6, 4): every patch opposite to the sound ...
     patches[0, 2] = 2 * audio[0]  # ... except row 0, column 2, which points the same way
-    maps = similarity_maps(audio, patches, (3, 3), (48, 48))
-    grid = torch.full((3, 3), -1.0)
-    grid[0, 2] = 1.0
-    expected = F.interpolate(grid[None, None], size=(48, 48), mode="bilinear", align_corners=False)[0, 0]
-    assert torch.allclose(maps[0], expected)
-    hot = maps[0] > 0.5
-    rows, cols = torch.nonzero(hot, as_tuple=True)
-    assert rows.max() < 16 and cols.min() >= 32  # the top-right patch's pixels: not transposed
+    maps = similarity_maps(audio, patches, (2, 3))
+    expected = torch.tensor([[-1.0, -1.0, 1.0], [-1.0, -1.0, -1.0]])  # cosines on the 2 x 3 grid
+    assert maps.shape == (1, 2, 3) and torch.allclose(maps[0], expected)
+    # upsampled (at scoring time) the top-right patch's pixels are the hot ones: not transposed
+    rows, cols = torch.nonzero(upsample_maps(maps, (32, 48))[0] > 0.5, as_tuple=True)
+    assert rows.max() < 16 and cols.min() >= 32
+
+
+def test_unknown_patch_readouts_and_normalizations_are_refused(backbone):
+    with pytest.raises(ValueError, match="unknown patch readout 'gradcam'; use one of patch_tokens"):
+        LocalizationModule(backbone, patch_readout="gradcam")
+    with pytest.raises(ValueError, match="unknown normalization 'global'"):
+        LocalizationModule(backbone, normalization="global")
+    with pytest.raises(ValueError, match="give exactly one of backbone"):
+        LocalizationModule()
 
 
 def test_backbone_patch_tokens_are_row_major(backbone):
@@ -89,19 +110,37 @@ def test_heat_maps_are_cosines_of_the_audio_token_with_each_patch(backbone):
         torch.randn(2, 3, 48, 48, generator=generator),
     )
     maps = sound_prompted_maps(backbone, audio, video)
-    assert maps.shape == (2, 48, 48)
-    embeddings = backbone.encode(audio, video)
+    assert maps.shape == (2, 3, 3)  # the patch grid of 48-pixel frames
+    with torch.no_grad():
+        embeddings = backbone.encode(audio, video)
     for b in range(2):
-        grid = torch.zeros(3, 3)
         for n in range(9):
-            grid[n // 3, n % 3] = F.cosine_similarity(
-                embeddings.global_audio[b], embeddings.patches_video[b, n], dim=0
-            )
-        expected = F.interpolate(grid[None, None], size=(48, 48), mode="bilinear", align_corners=False)[0, 0]
-        assert torch.allclose(maps[b], expected, atol=1e-5)
+            expected = F.cosine_similarity(embeddings.global_audio[b], embeddings.patches_video[b, n], dim=0)
+            assert maps[b, n // 3, n % 3] == pytest.approx(float(expected), abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+def test_masks_are_resized_nearest_neighbour_then_centre_cropped():
+    """DenseAV's label transform, `Resize(S, NEAREST)` + `CenterCrop(S)`, on small masks.
+
+    6 wide x 4 high to S = 2: the short side 4 -> 2, the long side int(2 * 6 / 4) = 3; nearest-neighbour
+    output pixel x reads source pixel floor((x + 0.5) * 6 / 3): columns 1, 3, 5, and rows 1, 3. The crop
+    starts at int(round((3 - 2) / 2)) = round(0.5) = 0: columns 1 and 3 remain.
+    """
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[1, 1] = True  # one object pixel: kept whole by nearest; a bicubic downsample halved it away
+    mask[3, 3] = True
+    mask[0, 0] = mask[2, 2] = mask[1, 5] = True  # pixels nearest-neighbour skips, or the crop cuts
+    assert crop_mask(mask, 2).tolist() == [[True, False], [False, True]]
+    # 7 wide x 2 high to S = 2: no resize; the crop starts at int(round(2.5)) = 2 (half to even), not 3
+    mask = np.zeros((2, 7), dtype=bool)
+    mask[:, 2] = True
+    assert crop_mask(mask, 2).tolist() == [[True, False], [True, False]]
+    # upsampling: 2 x 2 to 4 x 4 repeats each pixel in a 2 x 2 block
+    mask = np.array([[True, False], [False, False]])
+    assert crop_mask(mask, 4).tolist() == [[True, True, False, False]] * 2 + [[False] * 4] * 2
+
+
 def test_masks_follow_the_image_geometry():
     """An 80x40 mask: the short side goes 40 -> 32 (x0.8) and the centre crop keeps x 20..60 of 80."""
     mask = np.zeros((40, 80), dtype=bool)
@@ -132,7 +171,7 @@ def test_synth_prompts_are_every_frame_with_its_class_and_mask(synth_set, backbo
     assert item["key"][3] == f"{clip}/f03"
     mask = np.asarray(Image.open(synth_set / annotation["frames"]["masks"][3])) > 0
     expected = torch.from_numpy(np.array(Image.fromarray(mask).resize((48, 48), Image.Resampling.NEAREST)))
-    assert (item["mask"][3] == expected).float().mean() > 0.97
+    assert torch.equal(item["mask"][3], expected)  # a square frame: the nearest resize alone, no crop
     # the windows are the clip's aligned, normalized windows (frame 0's starts before the clip: padded with 0)
     fbank = torch.from_numpy(extract_video_clip(manifest.video(clip)).fbank).float()
     start = window_center(8, 16, fbank.shape[0]) - 32
@@ -209,12 +248,16 @@ def test_module_scores_the_synthetic_frames_in_a_lightning_test_run(synth_set, b
     prompts = synth_prompt_set(synth_set, "test")
     module = evaluate_localization(backbone, prompts, batch_size=1, overlays=5, trainer_options=CPU)
     assert module.prompts_scored == 32 and module.skipped == []
-    assert len(module.overlays) == 5 and module.overlays[0].heat_map.max() == pytest.approx(1.0)
     # the accumulated result is the one-shot metric of the same maps
     dataset = PromptDataset(prompts.sources, 48, 64)
     batch = collate_prompts([dataset[i] for i in range(len(dataset))])
     maps = sound_prompted_maps(backbone, batch["audio"], batch["video"])
     expected = localization_metrics(maps, batch["mask"], batch["class_index"], prompts.class_names)
+    # the overlays show the maps as scored: normalized with the whole set's min and max, then upsampled
+    scored = upsample_maps(normalize_maps(maps), (48, 48))
+    assert len(module.overlays) == 5
+    for i, overlay in enumerate(module.overlays):
+        assert torch.allclose(overlay.heat_map, scored[i], atol=1e-6)
     assert module.result.mean_ap == pytest.approx(expected.mean_ap, abs=1e-6)
     assert module.result.mean_iou == pytest.approx(expected.mean_iou, abs=1e-6)
     counts = np.bincount(batch["class_index"].numpy(), minlength=3)
@@ -223,13 +266,56 @@ def test_module_scores_the_synthetic_frames_in_a_lightning_test_run(synth_set, b
     }
 
 
+@pytest.mark.parametrize("patch_readout", ["global_readout", "self_attention"])
+def test_prompt_surgery_scores_each_map_minus_the_mean_map_over_every_prompt(
+    synth_set, backbone, patch_readout
+):
+    """CLIP Surgery through the module: every map, minus the mean over all prompts of the set of the
+    maps of the same image (computed here by brute force, prompt by prompt)."""
+    prompts = synth_prompt_set(synth_set, "test")
+    module = evaluate_localization(
+        backbone,
+        prompts,
+        batch_size=1,
+        overlays=32,
+        trainer_options=CPU,
+        patch_readout=patch_readout,
+        prompt_surgery=True,
+    )
+    dataset = PromptDataset(prompts.sources, 48, 64)
+    batch = collate_prompts([dataset[i] for i in range(len(dataset))])
+    every_prompt = torch.stack(
+        [
+            sound_prompted_maps(
+                backbone, batch["audio"][k : k + 1].expand_as(batch["audio"]), batch["video"], patch_readout
+            )
+            for k in range(len(batch["audio"]))
+        ]
+    )  # (prompt k, image n, h, w)
+    own = every_prompt[torch.arange(len(batch["audio"])), torch.arange(len(batch["audio"]))]
+    surgery = own - every_prompt.mean(dim=0)
+    expected = localization_metrics(surgery, batch["mask"], batch["class_index"], prompts.class_names)
+    plain = localization_metrics(own, batch["mask"], batch["class_index"], prompts.class_names)
+    # the maps as scored (every prompt kept as an overlay) are the brute-force ones; the best-IoU
+    # search is discrete (a float32 rounding can move a pixel across a threshold), so it is compared
+    # through the maps, and AP, which moves continuously, directly
+    scored = upsample_maps(normalize_maps(surgery), (48, 48))
+    assert len(module.overlays) == len(surgery)
+    for i, overlay in enumerate(module.overlays):
+        assert torch.allclose(overlay.heat_map, scored[i], atol=1e-5)
+    assert module.result.mean_ap == pytest.approx(expected.mean_ap, abs=1e-5)
+    assert module.result.mean_ap != pytest.approx(plain.mean_ap, abs=1e-4)
+
+
 def test_perfect_features_score_higher_than_random_ones(synth_set, backbone):
     """The same maps through the metric: masks themselves (an oracle) beat the untrained model's maps."""
     prompts = synth_prompt_set(synth_set, "test")
     dataset = PromptDataset(prompts.sources, 48, 64)
     batch = collate_prompts([dataset[i] for i in range(len(dataset))])
     maps = sound_prompted_maps(backbone, batch["audio"], batch["video"])
-    oracle = localization_metrics(batch["mask"].float() + 0.1 * maps, batch["mask"], batch["class_index"])
+    oracle = localization_metrics(
+        batch["mask"].float() + 0.1 * upsample_maps(maps, (48, 48)), batch["mask"], batch["class_index"]
+    )
     model = localization_metrics(maps, batch["mask"], batch["class_index"])
     assert oracle.mean_ap > 0.95 and oracle.mean_ap > model.mean_ap + 0.3
 
@@ -329,6 +415,48 @@ def test_cli_refuses_a_bad_checkpoint(tmp_path, synth_set, capsys):
     assert code == 2 and f"avsync localize: error: {tmp_path / 'model.ckpt'}" in stderr
 
 
+def test_avsync_test_with_the_synth_tiny_config_writes_what_avsync_localize_writes(
+    synth_set, backbone, tmp_path
+):
+    """One run, two ways to start it: the shipped config through LightningCLI (a real `avsync test`
+    process) and the short form `avsync localize` give the same metrics.json, number for number."""
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    short, configured = tmp_path / "localize", tmp_path / "config"
+    code = main(["--ckpt", str(checkpoint), "--synth", str(synth_set), "--split", "test", "--out", str(short),
+                 "--overlays", "2", "--workers", "0", "--accelerator", "cpu"])  # fmt: skip
+    assert code == 0
+    command = [
+        sys.executable, "-m", "avsync.cli", "test",
+        "--config", str(REPO_ROOT / "configs" / "localization" / "synth_tiny.yaml"),
+        f"--model.init_args.backbone_checkpoint={checkpoint}", f"--model.init_args.output_dir={configured}",
+        "--model.init_args.overlays=2", f"--data.init_args.synth={synth_set}",
+        "--data.init_args.num_workers=0",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.loads((short / "metrics.json").read_text())
+    written = json.loads((configured / "metrics.json").read_text())
+    assert written["prompts"] == 32 and written["input"] == {"synth": str(synth_set), "split": "test"}
+    assert written == expected
+    assert [p.name for p in sorted((configured / "overlays").glob("*.png"))] == [
+        p.name for p in sorted((short / "overlays").glob("*.png"))
+    ]
+
+
+def test_the_data_module_serves_the_prompts_at_the_backbone_s_geometry(synth_set, backbone):
+    data = LocalizationDataModule(synth=str(synth_set), split="all", batch_size=2)
+    module = LocalizationModule(backbone)  # class names: the data module's
+    trainer = evaluation_trainer(accelerator="cpu")
+    trainer.test(module, datamodule=data, verbose=False)
+    assert (data.image_size, data.audio_length) == (48, 64)
+    assert module.class_names == ["synth_0", "synth_1", "synth_2"] and module.prompts_scored == 64
+    with pytest.raises(ValueError, match="a manifest or a synthetic set"):
+        LocalizationDataModule().prompts  # noqa: B018
+    with pytest.raises(ValueError, match="not both"):
+        LocalizationDataModule(manifest="a.csv", synth="b")
+
+
 def test_overlay_picture_shows_image_map_and_mask(synth_set, backbone):
     prompts = synth_prompt_set(synth_set, "test")
     module = evaluate_localization(backbone, prompts, overlays=1, trainer_options=CPU)
@@ -337,3 +465,26 @@ def test_overlay_picture_shows_image_map_and_mask(synth_set, backbone):
     frame, mask_panel = picture[:, :48], picture[:, -48:]
     assert np.array_equal(mask_panel[..., 0] > 127, overlay.mask.numpy())
     assert np.abs(frame.astype(int) - (overlay.frame.permute(1, 2, 0).numpy() * 255).round()).max() <= 1
+
+
+def test_control_figure_has_one_row_per_class_with_its_own_and_another_sound_s_map():
+    def overlay(key, name, value, has_object=True):
+        mask = torch.zeros(4, 4, dtype=torch.bool)
+        mask[1:3, 1:3] = has_object
+        return Overlay(key, name, torch.full((3, 4, 4), 0.5), torch.full((4, 4), value), mask)
+
+    matched = [
+        overlay("a", "dog", 1.0),
+        overlay("b", "dog", 1.0),
+        overlay("c", "car", 1.0, False),
+        overlay("d", "cat", 1.0),
+    ]
+    mismatched = [overlay(o.key, o.class_name, 0.0, o.mask.any()) for o in matched]
+    picture = np.asarray(control_figure(matched, mismatched, classes=4, min_height=4))
+    # dog and cat (car shows no object): 2 rows of 4 pixels, one 2-pixel gap; 4 panels, 3 gaps
+    assert picture.shape == (2 * 4 + 2, 4 * 4 + 3 * 2, 3)
+    own, other = picture[0, 2 * 6], picture[0, 3 * 6]
+    assert tuple(own) != tuple(other)  # jet(1.0) over the frame in column 3, jet(0.0) in column 4
+    assert tuple(picture[1, 6 + 1]) == (255, 255, 255)  # the mask column: object pixel in white
+    with pytest.raises(ValueError, match="same prompts"):
+        control_figure(matched, mismatched[::-1])

@@ -5,12 +5,18 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader, Dataset
 
+from avsync.data.transforms import normalize_pixels
 from avsync.model import CAVMAESync
+from avsync.model.attention import Attention
+from avsync.onednn import OneDNNLinear
 from avsync.tasks import PretrainModule
 from avsync.tasks.pretrain import in_batch_recall_at_1, warmup_cosine
+from avsync.training.throughput import ThroughputMonitor
 
 SMALL = dict(
     image_size=32, audio_length=32, mel_bins=32, embed_dim=32, num_heads=2, encoder_depth=1,
@@ -69,10 +75,13 @@ def test_in_batch_recall_uses_the_diagonal_of_each_clip():
 
 
 def test_fit_logs_every_term_writes_a_checkpoint_and_resumes(tmp_path):
-    module = PretrainModule(CAVMAESync(**SMALL), lr=1e-3, warmup_epochs=0.5, log_images_every_n_steps=2)
+    module = PretrainModule(CAVMAESync(**SMALL), lr=1e-3, warmup_epochs=1, log_images_every_n_steps=2)
     train = DataLoader(PairedClips(32), batch_size=8, shuffle=True)
     val = DataLoader(PairedClips(16, frames=4, seed=1), batch_size=8)
-    run = trainer(tmp_path)
+    throughput = ThroughputMonitor(window_size=2)
+    run = trainer(
+        tmp_path, callbacks=[LearningRateMonitor(logging_interval="step"), throughput], log_every_n_steps=2
+    )
     run.fit(module, train, val)
     metrics = run.callback_metrics
     for name in ("train/reconstruction_audio", "train/contrastive", "val/loss", "val/video_to_audio_R1"):
@@ -85,13 +94,18 @@ def test_fit_logs_every_term_writes_a_checkpoint_and_resumes(tmp_path):
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     assert {
         "train/lr",
-        "train/samples_per_s",
+        "train/device/samples_per_sec",
         "train/contrastive_accuracy",
         "val/audio_to_video_R1",
     } <= scalars
     assert {"reconstruction/frame", "reconstruction/spectrogram"} <= images
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up, then decay
+    # samples are counted on every step, the clock read (and the device synchronized) every 2nd
+    assert [e.value for e in events.Scalars("train/samples")] == [16.0, 32.0, 48.0, 64.0]
+    assert list(throughput._throughputs[RunningStage.TRAINING]._batches) == [6, 8]  # timed: logging steps
+    # a CPU run trains through the CPU kernels
+    assert {type(m) for m in module.backbone.modules()} >= {OneDNNLinear, Attention}
 
     checkpoint = run.checkpoint_callback.best_model_path or run.checkpoint_callback.last_model_path
     assert checkpoint
@@ -150,3 +164,49 @@ def test_warmup_in_steps_when_epochs_have_no_length(tmp_path):
     run.fit(module, DataLoader(Stream(), batch_size=None))
     assert run.global_step == 6
     assert run.lr_scheduler_configs[0].scheduler.last_epoch == 6
+
+
+class RecordVideo(L.Callback):
+    """The `video` of every validation batch as the LightningModule receives it."""
+
+    def __init__(self):
+        self.videos = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.videos.append(batch["video"])
+
+
+def test_frames_sent_as_uint8_are_normalized_on_the_device_like_on_the_host(tmp_path):
+    from avsync.data.datamodule import AVShardDataModule
+
+    from ..data.conftest import write_shards
+
+    write_shards(tmp_path / "shards", [3], image_size=(40, 32))
+    config = dict(SMALL, mel_bins=128)
+    seen = {}
+    for on_device in (True, False):
+        data = AVShardDataModule(
+            val_shards=str(tmp_path / "shards"), batch_size=2, num_workers=0, num_frames=4,
+            image_size=32, audio_length=32, normalize_on_device=on_device,
+        )  # fmt: skip
+        record = RecordVideo()
+        run = trainer(tmp_path / str(on_device), logger=False, callbacks=[record])
+        run.validate(PretrainModule(CAVMAESync(**config)), datamodule=data, verbose=False)
+        assert data.pixels_on_device is on_device
+        sent = next(iter(data.val_dataloader()))["video"]
+        assert sent.dtype == (torch.uint8 if on_device else torch.float32)
+        seen[on_device] = record.videos
+        if on_device:
+            assert torch.equal(record.videos[0], normalize_pixels(sent))
+    assert len(seen[True]) == len(seen[False]) == 2
+    for device_side, host_side in zip(seen[True], seen[False], strict=True):
+        assert device_side.dtype == torch.float32 and device_side.shape == host_side.shape == (
+            device_side.shape[0], 4, 3, 32, 32,
+        )  # fmt: skip
+        torch.testing.assert_close(device_side, host_side, rtol=0, atol=1e-6)
+    # by default, a CPU run normalizes in the loader workers (the float32 batch contract)
+    default = AVShardDataModule(val_shards=str(tmp_path / "shards"), image_size=32, audio_length=32)
+    trainer(tmp_path / "default", logger=False).validate(
+        PretrainModule(CAVMAESync(**config)), datamodule=default, verbose=False
+    )
+    assert default.pixels_on_device is False

@@ -171,9 +171,9 @@ def test_register_tokens_need_a_backbone_with_registers():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="exactly one of backbone or backbone_checkpoint"):
+    with pytest.raises(ValueError, match="exactly one of backbone, backbone_checkpoint"):
         ProbeModule()
-    with pytest.raises(ValueError, match="exactly one of backbone or backbone_checkpoint"):
+    with pytest.raises(ValueError, match="exactly one of backbone, backbone_checkpoint"):
         ProbeModule(backbone(), backbone_checkpoint="x.ckpt")
     with pytest.raises(ValueError, match="modality"):
         probe(backbone(), modality="text")

@@ -22,6 +22,7 @@ from avsync.tasks.segmentation import (
     main,
     plot_segmentation,
     read_annotation,
+    read_segment_counts,
     score_synth_segmentation,
     segment_clip,
     synth_segmentation_ari,
@@ -183,3 +184,63 @@ def test_cli_without_any_readable_video_fails(tmp_path, backbone):
     )
     report = json.loads((tmp_path / "o" / "segments.json").read_text())
     assert "empty file" in report["failures"][0]["reason"]
+
+
+def test_without_a_count_each_kind_gets_the_silhouettes_choice():
+    truth = [0] * 8 + [1] * 8  # two events: the paper's fixed 5 would cut them up
+    chosen = segment_clip(oracle_features(truth), truth=truth)
+    assert chosen.count_source == "silhouette"
+    assert chosen.counts == {"video": 2, "audio_visual": 2, "audio": 2}
+    assert chosen.agreement["audio_visual"]["ari"] == pytest.approx(1.0)
+    fixed = segment_clip(oracle_features(truth), 5, truth=truth)
+    assert fixed.count_source == "given" and fixed.counts["audio"] == 5
+    assert fixed.agreement["audio_visual"]["ari"] < 0.8
+    assert segment_clip(oracle_features(truth), None, truth=truth).count_source == "truth"
+    assert chosen.to_json()["counts"] == chosen.counts
+
+
+def test_segment_counts_are_read_from_a_csv(tmp_path):
+    good = tmp_path / "counts.csv"
+    good.write_text("clip,segments\na.mp4,3\nb,2\n")
+    assert read_segment_counts(good) == {"a": 3, "b": 2}
+    for name, text in {"columns.csv": "video,k\na,3\n", "zero.csv": "clip,segments\na,0\n"}.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=name):
+            read_segment_counts(tmp_path / name)
+
+
+def test_cli_takes_counts_from_annotations_or_chooses_and_says_which(synth_set, backbone, tmp_path, capsys):
+    manifest = load_synth(synth_set)
+    videos = [manifest.video(clip.clip_id) for clip in manifest.clips[:2]]
+    checkpoint = write_checkpoint(backbone, tmp_path / "model.ckpt")
+    common = ["--ckpt", str(checkpoint), "--device", "cpu"]
+    assert main([*map(str, videos), *common, "--out", str(tmp_path / "auto")]) == 0
+    auto = json.loads((tmp_path / "auto" / "segments.json").read_text())
+    for video in videos:
+        entry = auto["videos"][video.stem]
+        assert entry["count_source"] == "silhouette" and "agreement" not in entry
+        assert len(set(entry["segments"]["audio"])) == entry["counts"]["audio"] >= 2
+    assert "(silhouette)" in capsys.readouterr().out
+
+    assert (
+        main([*map(str, videos), *common, "--out", str(tmp_path / "truth"), "--annotations", str(synth_set)])
+        == 0
+    )
+    truth = json.loads((tmp_path / "truth" / "segments.json").read_text())
+    for video in videos:
+        entry = truth["videos"][video.stem]
+        true_count = len(set(manifest.annotation(video.stem)["frames"]["class_indices"]))
+        assert entry["count_source"] == "truth" and set(entry["counts"].values()) == {true_count}
+
+    table = tmp_path / "counts.csv"
+    table.write_text(f"clip,segments\n{videos[0].name},4\n{videos[1].stem},1\n")
+    assert (
+        main([*map(str, videos), *common, "--out", str(tmp_path / "csv"), "--annotations", str(table)]) == 0
+    )
+    counted = json.loads((tmp_path / "csv" / "segments.json").read_text())["videos"]
+    assert counted[videos[0].stem]["counts"]["audio"] == 4 and counted[videos[1].stem]["counts"]["audio"] == 1
+    assert {entry["count_source"] for entry in counted.values()} == {"annotations"}
+
+    table.write_text("clip\nx\n")
+    assert main([str(videos[0]), *common, "--out", str(tmp_path / "bad"), "--annotations", str(table)]) == 2
+    assert "counts.csv" in capsys.readouterr().err

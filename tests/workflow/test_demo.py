@@ -24,9 +24,13 @@ def test_demo_writes_every_task_beside_its_baselines(demo_run):
         "retrieval V->A diagonal mean",
         "retrieval A->V block mean",
         "linear probe (16 x [g_a, g_v])",
-        "sound-prompted segmentation",
-        "sound-prompted segmentation, next clip's sounds",
-        "temporal segmentation (audio-visual)",
+        "sound-prompted segmentation (paper's map)",
+        "sound-prompted segmentation (paper's map), next clip's sounds (control)",
+        "sound-prompted segmentation, paper's map + prompt surgery",
+        "sound-prompted segmentation, self-attention readout",
+        "sound-prompted segmentation, global readout + prompt surgery, next clip's sounds (control)",
+        "temporal segmentation (audio-visual), true count",
+        "temporal segmentation (audio-visual), count chosen",
     } <= tasks
     for row in results["rows"]:
         for column in ("trained", "untrained", "chance"):
@@ -36,7 +40,7 @@ def test_demo_writes_every_task_beside_its_baselines(demo_run):
     ]
     assert retrieval_chance and all(c == pytest.approx(1 / 3) for c in retrieval_chance)  # 3 held-out clips
     assert Path(results["checkpoint"]).is_file()
-    assert "pretrain" in results["timings_s"]
+    assert {"image-MAE stage", "pretrain"} <= set(results["timings_s"])
     for row in results["rows"]:
         assert row["margin"] == pytest.approx(row["trained"] - max(row["untrained"], row["chance"]))
     table = demo_run.table()
@@ -50,6 +54,33 @@ def test_margin_column_is_trained_minus_the_better_baseline():
     table = DemoRun(Path("."), rows=[above, below]).table().splitlines()
     assert table[0].split()[-1] == "margin"
     assert table[2].split()[-1] == "+60.0" and table[3].split()[-1] == "-4.0"
+
+
+def test_demo_starts_the_audio_visual_run_from_its_own_image_mae(demo_run):
+    """The recipe in miniature: the image-MAE stage's export (the released MAE layout) is the
+    `init_from` of the audio-visual run, and the run's config says so."""
+    import yaml
+
+    mae = demo_run.workdir / "runs" / "image_mae" / "demo" / "mae.pth"
+    state = torch.load(mae, weights_only=True)["model"]
+    assert "blocks.3.attn.qkv.weight" in state and "decoder_pred.weight" in state
+    config = yaml.safe_load((demo_run.checkpoint.parent.parent / "config.yaml").read_text())
+    assert Path(config["model"]["init_args"]["init_from"]) == mae
+
+
+def test_demo_draws_and_logs_the_localization_control_figures(demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    figures = sorted(p.name for p in (demo_run.workdir / "figures").glob("localization_*.png"))
+    assert figures == [
+        "localization_global_readout_surgery.png",
+        "localization_patch_tokens.png",
+        "localization_patch_tokens_surgery.png",
+        "localization_self_attention.png",
+    ]
+    events = EventAccumulator(str(demo_run.checkpoint.parent.parent), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"localization/{Path(name).stem}" for name in figures} <= set(events.Tags()["images"])
 
 
 def test_demo_checkpoint_is_the_trained_tiny_model(demo_run):

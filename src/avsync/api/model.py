@@ -74,11 +74,23 @@ class EmbeddingRun:
     @property
     def audio(self) -> torch.Tensor:
         """`(N, T, D)`: ready for `avsync.evaluation.retrieval.evaluate_all(run.audio, run.video)`."""
-        return torch.stack([e.audio for e in self.embeddings])
+        return torch.stack([e.audio for e in self._embedded()])
 
     @property
     def video(self) -> torch.Tensor:
-        return torch.stack([e.video for e in self.embeddings])
+        return torch.stack([e.video for e in self._embedded()])
+
+    def _embedded(self) -> list[VideoEmbedding]:
+        """The embeddings, or an error that says why there are none (not torch's "non-empty TensorList")."""
+        if not self.embeddings:
+            reasons = "; ".join(f"{failure.path}: {failure.reason}" for failure in self.failures[:3])
+            more = f" (and {len(self.failures) - 3} more)" if len(self.failures) > 3 else ""
+            raise ValueError(
+                f"no video could be embedded, so there is nothing to stack: {reasons}{more}"
+                if self.failures
+                else "no videos were given to embed"
+            )
+        return self.embeddings
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -18,6 +18,7 @@ from avsync.data.clip import ExtractionOptions, extract_video_clip
 from avsync.data.errors import DecodeError
 from avsync.data.samples import ClipDecoder
 from avsync.data.schema import encode_sample, sample_key
+from avsync.data.sources import printable, short_hash
 from avsync.data.transforms import AudioWindows, CenterFrame
 
 
@@ -66,9 +67,10 @@ class VideoReader:
             AudioWindows(self.options.num_frames, audio_length, alignment),
         )
 
-    def __call__(self, path: str | Path) -> VideoInputs:
+    def __call__(self, path: str | Path, key: str | None = None) -> VideoInputs:
+        """`key`: the name of the result, by default the clip id `prepare` gives the file."""
         clip = extract_video_clip(path, self.options)
-        key = Path(path).stem  # the clip id `prepare` gives the file
+        key = key or printable(Path(path).stem)
         metadata = {"id": key, "num_frames": self.options.num_frames, **clip.metadata}
         try:
             example = self.decoder(encode_sample(sample_key(key), clip.frames, clip.fbank, metadata))
@@ -78,11 +80,29 @@ class VideoReader:
         return VideoInputs(key, str(path), example["audio"], example["video"], clip.metadata)
 
 
+def unique_keys(paths: Sequence[str | Path]) -> list[str]:
+    """One key per path: its clip id (file name without extension), unless an earlier path has that id
+    (`a/x.mp4`, `b/x.mp4`): then the id and a hash of the path as given, `x-1a2b3c4d`. Stable for the
+    same input list, never shared, so no video has to be dropped for its name."""
+    keys: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        clip_id = printable(Path(path).stem)
+        key, attempt = clip_id, 0
+        while key in taken:
+            attempt += 1
+            key = f"{clip_id}-{short_hash(str(path) if attempt == 1 else f'{path}#{attempt}')}"
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
 class VideoFiles(Dataset):
     """`VideoInputs` per path, or the `Failure` that says why not: a batch job skips it and goes on."""
 
     def __init__(self, paths: Sequence[str | Path], reader: VideoReader) -> None:
         self.paths, self.reader = [str(p) for p in paths], reader
+        self.keys = unique_keys(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,7 +110,7 @@ class VideoFiles(Dataset):
     def __getitem__(self, index: int) -> VideoInputs | Failure:
         path = self.paths[index]
         try:
-            return self.reader(path)
+            return self.reader(path, self.keys[index])
         except DecodeError as error:
             return Failure(path, error.reason)
         except Exception as error:  # a library surprise on odd data: reported like `prepare` does

@@ -156,7 +156,9 @@ def _count(batches) -> int:
     return sum(batch["video"].shape[0] for batch in batches)
 
 
-def _stack_collate(examples: list[dict]) -> dict:
+def _stack_collate(examples: list[dict], normalize: bool = True) -> dict:
+    """The old collate: frames were normalized per clip by the decoder, so `normalize` has nothing left
+    to do (accepted because the pipeline passes it)."""
     names = ("audio", "video", "label", "frame_index")
     return {
         **{name: torch.stack([e[name] for e in examples]) for name in names},

@@ -97,6 +97,8 @@ def _failed(results: dict, name: str) -> str | None:
         return None
     if "failed" in result:
         return f"**{name} failed:**\n\n```\n{result['failed'][-1500:]}\n```\n"
+    if "skipped" in result:
+        return f"`{name}`: skipped ({result['skipped']}).\n"
     return ""
 
 

@@ -16,8 +16,9 @@ and windows), without augmentation. Normalization, alignment and windows: `trans
 decoding: `samples.py`; streaming and rank/worker splitting: `pipeline.py`; skipped samples:
 `skips.py` (counts in `skipped_samples`, logged by the `LogSkippedSamples` callback).
 
-`image_size` and `audio_length` default to the attached model's backbone (`.backbone.image_size` and
-`.backbone.audio_length`), read in `setup()`; without a trainer they must be given.
+`image_size` and `audio_length`: `avsync fit|validate|test` links them from the model's backbone
+(`link_arguments` in `cli.py`); in Python they default to the attached model's backbone, read in
+`setup()`; without a trainer they must be given.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 from avsync.data.alignment import AlignmentMode
 from avsync.data.pipeline import ShardSet, build_pipeline, fixed_mode_batches, resolve_shards
 from avsync.data.samples import ClipDecoder, LabelFormat, SampleShape
-from avsync.data.skips import SkipCounter
+from avsync.data.skips import CheckedLoader, SkipCounter
 from avsync.data.transforms import (
     AUDIO_MEAN,
     AUDIO_STD,
@@ -42,6 +43,7 @@ from avsync.data.transforms import (
     AudioWindows,
     CenterFrame,
     RandomFrame,
+    normalize_batch_video,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,17 @@ class AVShardDataModule(L.LightningDataModule):
         num_classes: `C`; default: the manifest's class count.
         train_mode, eval_mode: batch shape of the train split and of the other splits.
         seed: seed of shard and sample shuffling (shared by all ranks).
-        pin_memory: pin batches for faster host-to-GPU copies (when CUDA is available).
+        pin_memory: pin batches for faster host-to-GPU copies (when the run's device is a CUDA GPU;
+            without a trainer, when CUDA is available).
+        normalize_on_device: send frames as uint8 pixels and normalize them after the copy to the device
+            (`on_after_batch_transfer`): a quarter of the bytes to copy, and the workers spared the work.
+            None: on GPU runs. Batches read without a trainer, or with it off, keep the float32 contract.
+        max_consecutive_skips: samples skipped in a row (in one DataLoader worker) after which the run
+            stops with a one-line error instead of skipping on forever (`skips.py`); None = no bound.
+            Raise it for shards with longer runs of bad samples.
+        min_audio_frames: fewest spectrogram rows (10 ms each) a clip may have; shorter (or empty) ones
+            are skipped, as their windows would be padding only. Spectrograms must also be float
+            `(S, mel_bins)` with the model's mel bins, and as long as their metadata records.
     """
 
     def __init__(
@@ -108,6 +120,9 @@ class AVShardDataModule(L.LightningDataModule):
         eval_mode: SampleShape = "eval",
         seed: int = 0,
         pin_memory: bool = True,
+        normalize_on_device: bool | None = None,
+        max_consecutive_skips: int | None = 1000,
+        min_audio_frames: int = 100,
     ) -> None:
         super().__init__()
         if alignment not in ("clip", "authors"):
@@ -136,6 +151,9 @@ class AVShardDataModule(L.LightningDataModule):
         self.label_format, self.num_classes = label_format, num_classes
         self.train_mode, self.eval_mode = train_mode, eval_mode
         self.seed, self.pin_memory = seed, pin_memory
+        self.normalize_on_device = normalize_on_device
+        self.max_consecutive_skips, self.min_audio_frames = max_consecutive_skips, min_audio_frames
+        self.mel_bins = 128  # the attached model's, in setup()
         self.shards: dict[Split, ShardSet] = {}
         self.skip_counters: dict[Split, SkipCounter] = {}
 
@@ -169,6 +187,8 @@ class AVShardDataModule(L.LightningDataModule):
             self.image_size = int(backbone.image_size)
         if self.audio_length is None and backbone is not None:
             self.audio_length = int(backbone.audio_length)
+        if backbone is not None and hasattr(backbone, "mel_bins"):
+            self.mel_bins = int(backbone.mel_bins)
         if self.image_size is None or self.audio_length is None:
             raise ValueError(
                 "image_size and audio_length are needed: give them, or attach a model with a `.backbone` "
@@ -185,6 +205,25 @@ class AVShardDataModule(L.LightningDataModule):
                 f"{self.shard_specs[split]} stores {stored} frames per clip; "
                 f"num_frames={self.num_frames} must divide it"
             )
+
+    def _device_type(self) -> str:
+        """The run's device type (`cuda`, `cpu`, ...); without a trainer, `cuda` where it is available."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def pixels_on_device(self) -> bool:
+        """Whether batches carry uint8 frames, normalized on the device (`normalize_on_device`)."""
+        if self.trainer is None:
+            return False  # read without a trainer: nothing would normalize them
+        if self.normalize_on_device is None:
+            return self.trainer.strategy.root_device.type != "cpu"
+        return self.normalize_on_device
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Frames sent as uint8 are normalized here, on the device, for every task module."""
+        return normalize_batch_video(batch)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -248,6 +287,8 @@ class AVShardDataModule(L.LightningDataModule):
             label_format=self.label_format,
             num_classes=self.num_classes or 0,
             pixels=True,  # `collate` normalizes whole batches
+            mel_bins=self.mel_bins,
+            min_audio_frames=self.min_audio_frames,
         )
 
     def pipeline(
@@ -268,7 +309,9 @@ class AVShardDataModule(L.LightningDataModule):
             self.shards[split].urls,
             self.decoder(split, full_pass),
             batch_size=self.batch_size if training else self.eval_batch_size,
-            handler=self.skip_counters.setdefault(split, SkipCounter(split, self.num_workers)),
+            handler=self.skip_counters.setdefault(
+                split, SkipCounter(split, self.num_workers, self.max_consecutive_skips)
+            ),
             rank=rank,
             world_size=world_size,
             shuffle=training,
@@ -277,6 +320,7 @@ class AVShardDataModule(L.LightningDataModule):
             batches_per_worker=batches_per_worker,
             partial=not training,
             seed=self.seed,
+            normalize_pixels=not self.pixels_on_device,
         )
         return pipeline if length is None else pipeline.with_length(length, silent=True)
 
@@ -307,10 +351,12 @@ class AVShardDataModule(L.LightningDataModule):
         return None, None
 
     def _loader(self, split: Split, full_pass: bool = False) -> DataLoader:
-        return DataLoader(
-            self.pipeline(split, full_pass=full_pass),
+        pipeline = self.pipeline(split, full_pass=full_pass)
+        return CheckedLoader(  # skips bounded: a split without usable data ends the run (skips.py)
+            pipeline,
+            skips=self.skip_counters[split],
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and split in ("train", "val") and not full_pass,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            pin_memory=self.pin_memory and self._device_type() == "cuda",
         )

@@ -53,7 +53,7 @@ class Journal:
 
         Raises `JournalMismatch` when the journal belongs to another run.
         """
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
         header = _parse(lines[0]) if lines else None
         if header is None or header.get("fingerprint") != self.fingerprint:
             raise JournalMismatch(
@@ -64,7 +64,10 @@ class Journal:
         for line in lines[1:]:
             if _parse(line) is None:
                 break
-            entry = JournalEntry.from_json(line)
+            try:
+                entry = JournalEntry.from_json(line)
+            except (KeyError, TypeError, ValueError):  # damaged: the shards from here on are made again
+                break
             shard = self.path.parent / entry.shard.name
             if not shard.is_file() or shard.stat().st_size != entry.shard.bytes:
                 break

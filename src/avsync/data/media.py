@@ -6,7 +6,9 @@ Everything here works on container metadata and packet headers; nothing is decod
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,13 +44,27 @@ class MediaInfo:
 def check_readable(path: str | Path) -> None:
     """Fail early, with the file's actual problem, before ffmpeg turns it into a generic error."""
     path = Path(path)
-    if not path.exists():
-        raise DecodeError(path, "no such file")
-    if not path.is_file():
-        raise DecodeError(path, "not a regular file")
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DecodeError(
+                path, f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+            ) from None
+        raise DecodeError(path, "no such file") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DecodeError(path, "symlink loop (a symbolic link that leads back to itself)") from None
+        if isinstance(error, PermissionError):
+            raise DecodeError(path, "unreadable (permission denied on its directory)") from None
+        raise DecodeError(path, f"cannot be read: {error.strerror or error}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise DecodeError(path, "not a regular file (a directory)")
+    if not stat.S_ISREG(status.st_mode):
+        raise DecodeError(path, "not a regular file (a device, pipe or socket)")
     if not os.access(path, os.R_OK):
         raise DecodeError(path, "unreadable (permission denied)")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise DecodeError(path, "empty file (0 bytes)")
 
 

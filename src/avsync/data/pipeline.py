@@ -20,6 +20,7 @@ keep the stages' epoch counters.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -122,6 +123,22 @@ class RankWorkerSeed:
         return self.rank * 1000 + (info.id if info is not None else 0)
 
 
+class NoteDecoded:
+    """Pipeline stage: tells the handler (a `SkipCounter`) of every sample that decoded, which ends a
+    run of skips (the handler itself only hears of failures)."""
+
+    def __init__(self, handler: Callable[[Exception], bool]) -> None:
+        self.passed = getattr(handler, "passed", None)
+
+    def __call__(self, source: Iterable) -> Iterator:
+        if self.passed is None:
+            yield from source
+            return
+        for sample in source:
+            self.passed()
+            yield sample
+
+
 def build_pipeline(
     urls: list[str],
     decoder: ClipDecoder,
@@ -136,11 +153,14 @@ def build_pipeline(
     batches_per_worker: int | None = None,
     partial: bool = True,
     seed: int = 0,
+    normalize_pixels: bool = True,
 ) -> wds.DataPipeline:
     """A pipeline yielding collated batches (see the module docstring for the two modes).
 
     `resampled` needs `batches_per_worker`; `shuffle` turns on shard-order and sample shuffling (the
     buffer holds samples after `decoder.pick`, i.e. one JPEG and the spectrogram in train shape).
+    `normalize_pixels=False` leaves uint8 frames in the batches (normalized on the device).
+    `handler` hears of every failure (and, when it has a `passed()` method, of every decoded sample).
     """
     if resampled:
         if batches_per_worker is None:
@@ -159,7 +179,10 @@ def build_pipeline(
         stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=initial, seed=seed + 1 + rank))
     stages += [
         wds.map(decoder, handler=handler),
-        wds.batched(batch_size, collation_fn=collate, partial=partial),
+        NoteDecoded(handler),
+        wds.batched(
+            batch_size, collation_fn=functools.partial(collate, normalize=normalize_pixels), partial=partial
+        ),
     ]
     pipeline = wds.DataPipeline(*stages)
     if resampled:

@@ -17,14 +17,17 @@ The output's layout is described in docs/shards.md.
 
 from __future__ import annotations
 
-import argparse
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import signal
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -36,18 +39,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from avsync import __version__
-from avsync.data.cavmae import extract_cavmae_clip
+from avsync.data.cavmae import cavmae_frame_path, extract_cavmae_clip
 from avsync.data.clip import ExtractionOptions, extract_video_clip
 from avsync.data.errors import DecodeError
 from avsync.data.journal import Journal, JournalEntry, JournalMismatch
-from avsync.data.labels import ClassList, LabelError, read_labels_csv
+from avsync.data.labels import ClassList, LabelError, clip_id_for_matching, read_labels_csv
 from avsync.data.schema import SCHEMA_VERSION, encode_sample, stable_json
 from avsync.data.shard_writer import ShardRecord, ShardWriter
-from avsync.data.sources import ClipSource, InputError, discover
+from avsync.data.sources import ClipSource, InputError, discover, file_digest, printable
+from avsync.tool_parsers import DEFAULT_SHARD_MAX_BYTES, default_workers, parse_size  # noqa: F401 (re-exported)
+from avsync.tool_parsers import prepare as build_parser
 
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
-DEFAULT_SHARD_MAX_BYTES = 512 * 2**20
 _SHARD_FILE = re.compile(r"^shard-\d{6}\.tar(\.tmp)?$")
 
 log = logging.getLogger(__name__)
@@ -81,10 +85,6 @@ class PrepareSummary:
     resumed_shards: int
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 def prepare(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -98,26 +98,59 @@ def prepare(
     shuffle_seed: int | None = 0,
     overwrite: bool = False,
     progress: bool = True,
+    content_hash: bool = False,
 ) -> PrepareSummary:
     """Prepare `inputs` into shards under `output` (resuming a killed run there). See the module doc.
 
-    `shuffle_seed=None` keeps the input order. Raises `PrepareError` for problems with the run as a
-    whole; problems with single inputs end up in `failures.jsonl`.
+    `shuffle_seed=None` keeps the input order. The fingerprint that tells a finished or resumable run
+    covers each input file's size and modification time, or its SHA-256 with `content_hash` (slower:
+    every input is read once more; then touching a file changes nothing). Raises `PrepareError` for
+    problems with the run as a whole; problems with single inputs end up in `failures.jsonl`.
     """
     if shard_max_bytes is None and shard_max_clips is None:
         raise PrepareError("give a shard cap: shard_max_bytes and/or shard_max_clips")
     options = options or ExtractionOptions()
     output = Path(output)
+    _check_output(output)
     try:
         discovery = discover(list(inputs))
+        _report_listing(discovery)
         class_list, items, label_failures = _resolve_labels(discovery.sources, labels, classes)
     except (InputError, LabelError, OSError) as error:
         raise PrepareError(str(error)) from error
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
     listing_failures = discovery.duplicates + label_failures
-    fingerprint = _fingerprint(items, class_list, options, shard_max_bytes, shard_max_clips, shuffle_seed)
+    fingerprint = _fingerprint(
+        items, class_list, options, shard_max_bytes, shard_max_clips, shuffle_seed, content_hash
+    )
+    try:
+        return _prepare_into(
+            output, fingerprint, overwrite, items, listing_failures, discovery, class_list, options,
+            shard_max_bytes, shard_max_clips, shuffle_seed, workers, progress,
+        )  # fmt: skip
+    except OSError as error:  # a full disk, a read-only or vanished output directory
+        where = printable(str(error.filename)) if error.filename else output
+        raise PrepareError(
+            f"{where}: {error.strerror or error} (finished shards are kept: rerun the same command to resume)"
+        ) from error
 
+
+def _prepare_into(
+    output: Path,
+    fingerprint: str,
+    overwrite: bool,
+    items: list[WorkItem],
+    listing_failures: list[dict],
+    discovery,
+    class_list: ClassList,
+    options: ExtractionOptions,
+    shard_max_bytes: int | None,
+    shard_max_clips: int | None,
+    shuffle_seed: int | None,
+    workers: int | None,
+    progress: bool,
+) -> PrepareSummary:
     entries = _open_output(output, fingerprint, overwrite)
     if entries is None:
         log.info("%s is already prepared with these inputs and settings; nothing to do", output)
@@ -229,9 +262,11 @@ def process(item: WorkItem, options: ExtractionOptions) -> WorkResult:
         return WorkResult(None, _failure(source, f"unexpected {type(error).__name__}: {error}"))
     metadata = {
         "schema_version": SCHEMA_VERSION,
-        "id": source.clip_id,
+        "id": printable(source.clip_id),
         "key": source.key,
-        "source": source.path if source.kind == "video" else {"video_path": source.path, "wav": source.wav},
+        "source": printable(source.path)
+        if source.kind == "video"
+        else {"video_path": printable(source.path), "wav": printable(source.wav or "")},
         "num_frames": options.num_frames,
         "labels": list(item.labels),
         "label_names": list(item.label_names),
@@ -241,20 +276,55 @@ def process(item: WorkItem, options: ExtractionOptions) -> WorkResult:
 
 
 def _failure(source: ClipSource, reason: str) -> dict:
-    return {"path": source.path, "clip_id": source.clip_id, "reason": reason}
+    return {"path": printable(source.path), "clip_id": printable(source.clip_id), "reason": reason}
+
+
+def _examples(names: Sequence[str], count: int = 5) -> str:
+    shown = ", ".join(repr(name) for name in names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def _report_listing(discovery) -> None:
+    """Say what the listing did not turn into clips, so that nothing goes unnoticed."""
+    if discovery.ignored_files:
+        log.warning(
+            "ignored %d file(s) without a video or audio extension, e.g. %s",
+            discovery.ignored_files,
+            _examples(discovery.ignored_examples),
+        )
+    if discovery.shared_ids:
+        names = [f"{printable(i)} ({len(paths)} files)" for i, paths in discovery.shared_ids.items()]
+        log.warning(
+            "%d clip id(s) are shared by different files, all kept under distinct keys (one row of "
+            "--labels applies to all of them): %s",
+            len(names),
+            _examples(names),
+        )
 
 
 def _resolve_labels(
     sources: list[ClipSource], labels_csv: str | Path | None, classes_csv: str | Path | None
 ) -> tuple[ClassList, list[WorkItem], list[dict]]:
-    by_clip: dict[str, list[str]] = {}
+    by_clip: dict = {}
     if labels_csv is not None:
         by_clip, problems = read_labels_csv(labels_csv)
         for problem in problems:
             log.warning(problem)
-    tokens_of = {
-        s.clip_id: by_clip[s.clip_id] if s.clip_id in by_clip else list(s.labels or ()) for s in sources
-    }
+    rows = {s.clip_id: by_clip.get(clip_id_for_matching(s.clip_id)) for s in sources}
+    tokens_of = {clip_id: list(row.labels) if row is not None else None for clip_id, row in rows.items()}
+    for source in sources:
+        if tokens_of[source.clip_id] is None:
+            tokens_of[source.clip_id] = list(source.labels or ())
+    if labels_csv is not None:
+        found = {clip_id_for_matching(s.clip_id) for s in sources}
+        unused = [(clip_id, row.line) for clip_id, row in by_clip.items() if clip_id not in found]
+        if unused:
+            log.warning(
+                "%s: %d row(s) name clips that are not among the inputs and are ignored: %s",
+                labels_csv,
+                len(unused),
+                _examples([f"{clip_id} (line {line})" for clip_id, line in unused]),
+            )
     if classes_csv is not None:
         class_list = ClassList.from_csv(classes_csv)
     else:
@@ -264,11 +334,13 @@ def _resolve_labels(
         try:
             indices = sorted({class_list.resolve(token) for token in tokens_of[source.clip_id]})
         except LabelError as error:
-            failures.append(_failure(source, str(error)))
+            row = rows[source.clip_id]
+            where = f" ({labels_csv}:{row.line})" if row is not None else ""
+            failures.append(_failure(source, f"{error}{where}"))
             continue
         names = tuple(class_list.classes[i].name for i in indices)
         items.append(WorkItem(source, tuple(indices), names))
-    unlabeled = sum(1 for item in items if not item.labels)
+    unlabeled = sum(1 for item in items if rows[item.source.clip_id] is None and not item.labels)
     if labels_csv is not None and unlabeled:
         log.warning("%d clip(s) have no entry in %s and are kept without labels", unlabeled, labels_csv)
     return class_list, items, failures
@@ -281,8 +353,10 @@ def _fingerprint(
     shard_max_bytes: int | None,
     shard_max_clips: int | None,
     shuffle_seed: int | None,
+    content_hash: bool = False,
 ) -> str:
-    """Identifies everything that decides the output bytes (not the worker count)."""
+    """Identifies everything that decides the output bytes (not the worker count), the inputs' contents
+    included: a changed video must not pass for an already prepared one."""
     description = {
         "schema_version": SCHEMA_VERSION,
         "options": options.as_dict(),
@@ -291,15 +365,65 @@ def _fingerprint(
         "shard_max_clips": shard_max_clips,
         "shuffle_seed": shuffle_seed,
         "items": [
-            [i.source.key, i.source.clip_id, i.source.kind, i.source.path, i.source.wav, list(i.labels)]
+            [
+                i.source.key,
+                printable(i.source.clip_id),
+                i.source.kind,
+                printable(i.source.path),
+                printable(i.source.wav or ""),
+                list(i.labels),
+                [_stamp(path, content_hash) for path in _files_of(i.source, options.num_frames)],
+            ]
             for i in items
         ],
     }
+    if content_hash:
+        description["content"] = "sha256"
     return hashlib.sha256(stable_json(description)).hexdigest()
+
+
+def _files_of(source: ClipSource, num_frames: int) -> list[str]:
+    """The files whose bytes make a clip's sample."""
+    if source.kind == "video":
+        return [source.path]
+    frames = [str(cavmae_frame_path(source.path, source.clip_id, i)) for i in range(num_frames)]
+    return [source.wav or "", *frames]
+
+
+def _stamp(path: str, content_hash: bool) -> list | None:
+    """What is known of a file's content: [size, mtime in ns], or [size, SHA-256]; None if unreadable
+    (it fails to decode, and the failure is in the output)."""
+    try:
+        status = os.stat(path)
+        return [status.st_size, file_digest(path) if content_hash else status.st_mtime_ns]
+    except OSError:
+        return None
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an output path that cannot become the output directory, before any work."""
+    if output.is_dir():
+        return
+    if output.exists() or output.is_symlink():
+        what = "a file" if output.is_file() else "not a directory"
+        raise PrepareError(f"{output}: exists and is {what}; OUT must be a directory (or a new path)")
+    parent = next((p for p in output.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise PrepareError(f"{output}: {parent} is a file, so this directory cannot be made")
 
 
 def _open_output(output: Path, fingerprint: str, overwrite: bool) -> list[JournalEntry] | None:
     """Make `output` ready: entries to resume from ([] for a fresh run), or None if already complete."""
+    try:
+        return _open_output_unchecked(output, fingerprint, overwrite)
+    except OSError as error:  # read-only or full file system, permissions
+        where = printable(str(error.filename)) if error.filename else output
+        raise PrepareError(
+            f"{where}: {error.strerror or error} (OUT must be a directory you can write)"
+        ) from None
+
+
+def _open_output_unchecked(output: Path, fingerprint: str, overwrite: bool) -> list[JournalEntry] | None:
     output.mkdir(parents=True, exist_ok=True)
     journal = Journal(output, fingerprint)
     if overwrite:
@@ -309,7 +433,8 @@ def _open_output(output: Path, fingerprint: str, overwrite: bool) -> list[Journa
         if _read_json(manifest).get("fingerprint") == fingerprint:
             return None
         raise PrepareError(
-            f"{output} holds shards of other inputs or settings; use a new directory or --overwrite"
+            f"{output} holds shards of other inputs or settings, or inputs changed since (size or "
+            "modification time; content with --content-hash); use a new directory or --overwrite"
         )
     if journal.exists():
         try:
@@ -386,14 +511,50 @@ def _run(items: list[WorkItem], options: ExtractionOptions, workers: int) -> Ite
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker)
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
+    )
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from the pool
     _quiet_ffmpeg()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Make this worker process end when `parent_pid` dies, even by `kill -9`.
+
+    A pool worker otherwise waits for its next task on a pipe that it holds both ends of, forever, with
+    its memory (torch and all), and so does multiprocessing's resource tracker. On Linux the kernel
+    kills it (`prctl(PR_SET_PDEATHSIG, SIGKILL)`); everywhere, a daemon thread checks once per `poll_s`
+    that the parent is still there (its parent pid changes when it is gone) and exits otherwise.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no usable libc: the watchdog alone
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the kernel was asked to tell us
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="avsync-parent-watchdog", daemon=True).start()
 
 
 def _quiet_ffmpeg() -> None:
@@ -426,93 +587,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def parse_size(text: str) -> int:
-    """`"512MiB"`, `"1GB"`, `"200M"`, `"1e9"` -> bytes (KiB/MiB/GiB binary; K/KB/M/MB/G/GB decimal)."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 1GB, 200000000)")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = ExtractionOptions()
-    parser = argparse.ArgumentParser(
-        prog="avsync prepare",
-        description="Decode videos (or convert a CAV-MAE datafile) into WebDataset shards for avsync "
-        "(layout: docs/shards.md). Rerunning the same command resumes a killed run.",
-    )
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="a directory of videos (searched recursively), a file listing video paths, "
-        "or a CAV-MAE datafile (.json)",
-    )
-    parser.add_argument("output", metavar="OUT", help="output directory")
-    parser.add_argument(
-        "--labels", help="CSV of clip_id,labels (labels: mids, names or indices, comma-separated)"
-    )
-    parser.add_argument("--classes", help="class index CSV: index,mid,display_name")
-    parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="decoding processes (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--shard-max-bytes",
-        type=parse_size,
-        default=DEFAULT_SHARD_MAX_BYTES,
-        help="shard size cap (default 512MiB)",
-    )
-    parser.add_argument(
-        "--shard-max-clips", type=int, default=None, help="clips per shard cap (default: none)"
-    )
-    parser.add_argument(
-        "--num-frames", type=int, default=defaults.num_frames, help="frames per clip (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--short-side",
-        type=int,
-        default=defaults.short_side,
-        help="max short side of stored frames (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--jpeg-quality", type=int, default=defaults.jpeg_quality, help="default: %(default)s"
-    )
-    parser.add_argument(
-        "--mono",
-        choices=["mean", "first"],
-        default=defaults.mono,
-        help="channel mixdown (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--min-duration", type=float, default=defaults.min_duration, help="seconds (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-duration", type=float, default=defaults.max_duration, help="seconds (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-av-mismatch",
-        type=float,
-        default=defaults.max_av_mismatch,
-        help="max audio/video duration difference, s (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--allow-silent", action="store_true", help="keep clips without audio, flagged silent"
-    )
-    order = parser.add_mutually_exclusive_group()
-    order.add_argument(
-        "--shuffle-seed", type=int, default=0, help="seed of the fixed clip order shuffle (default: 0)"
-    )
-    order.add_argument("--keep-order", action="store_true", help="keep the input order instead of shuffling")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="delete this directory's previous shards first"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PrepareError(f"{path}: damaged ({error}); use a new directory or --overwrite") from None
+    if not isinstance(value, dict):
+        raise PrepareError(f"{path}: damaged (not a JSON object); use a new directory or --overwrite")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             shuffle_seed=None if args.keep_order else args.shuffle_seed,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            content_hash=args.content_hash,
         )
     except PrepareError as error:
         print(f"avsync prepare: error: {error}", file=sys.stderr)

@@ -102,12 +102,22 @@ def frames_to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
 
 def normalize_pixels(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 pixels `(..., H, W, 3)` -> ImageNet-normalized float32 `(..., 3, H, W)`, written into `out`
-    when given (a slice of a batch): one layout-changing copy and one fused scale-and-shift."""
+    when given (a slice of a batch): one layout-changing copy and one fused scale-and-shift, on the
+    pixels' device."""
     *lead, height, width, _ = pixels.shape
     if out is None:
-        out = torch.empty((*lead, 3, height, width), dtype=torch.float32)
+        out = torch.empty((*lead, 3, height, width), dtype=torch.float32, device=pixels.device)
     out.copy_(pixels.movedim(-1, -3))
-    return out.mul_(_SCALE).add_(_SHIFT)
+    return out.mul_(_SCALE.to(out.device)).add_(_SHIFT.to(out.device))
+
+
+def normalize_batch_video(batch):
+    """A batch dict whose `video` is uint8 pixels `(..., H, W, 3)` (sent to the device as bytes, a
+    quarter of float32's) with `video` normalized where it is; any other batch as it is."""
+    video = batch.get("video") if isinstance(batch, dict) else None
+    if isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
+        batch = {**batch, "video": normalize_pixels(video)}
+    return batch
 
 
 def frames_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:

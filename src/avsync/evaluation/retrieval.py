@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from avsync.evaluation.ranking import rank_of_truth, summarize_ranks, top_k_targets
 from avsync.evaluation.similarity import (
@@ -273,3 +275,83 @@ def write_rankings_csv(
                     row += [target_ids[index], f"{score:.7g}"]
             writer.writerow(row)
     return path
+
+
+def write_all_rankings(results: Results, directory: str | Path, ids: Sequence[str]) -> list[Path]:
+    """`rankings/{direction}_{strategy}.csv` under `directory` for every result (`write_rankings_csv`;
+    query and target ids are the clip ids, which both directions share)."""
+    return [
+        write_rankings_csv(result, Path(directory) / "rankings" / f"{direction}_{strategy}.csv", ids, ids)
+        for direction, by_strategy in results.items()
+        for strategy, result in by_strategy.items()
+    ]
+
+
+# ------------------------------------------------------------------------------ gathering over ranks
+#: Room for one clip id, in UTF-8 bytes.
+KEY_BYTES = 256
+
+
+def _encode_keys(keys: Sequence[str], width: int) -> torch.Tensor:
+    """Clip ids as `(B, width)` byte values (float32, zero-padded), so they travel in tensor collectives."""
+    encoded = torch.zeros(len(keys), width)
+    for row, key in enumerate(keys):
+        data = str(key).encode()
+        if len(data) > width or b"\0" in data:
+            raise ValueError(f"clip id {key!r} is longer than {width} bytes or holds a NUL byte")
+        encoded[row, : len(data)] = torch.tensor(list(data), dtype=torch.float32)
+    return encoded
+
+
+def _decode_keys(encoded: torch.Tensor) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode() for row in encoded.to(torch.uint8).tolist()]
+
+
+class ClipEmbeddings(Metric):
+    """The per-clip token sequences of both modalities `(B, T, D)` and their clip ids, over all batches
+    and all ranks, for retrieval over the whole test set.
+
+    States are flat float32 tensors that torchmetrics gathers with tensor collectives
+    (`dist_reduce_fx="cat"`; a rank without clips contributes an empty one); clip ids travel as bytes.
+    `compute()` keeps each clip once (the first copy: samplers pad ranks with repeated clips) and sorts
+    clips by id, so any number of ranks gives the same tensors in the same order.
+    """
+
+    full_state_update = False
+
+    def __init__(self, key_bytes: int = KEY_BYTES, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.key_bytes = key_bytes
+        for name in ("audio", "video", "keys"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.add_state("shape", default=torch.zeros(2, dtype=torch.long), dist_reduce_fx="max")
+
+    def update(self, keys: Sequence[str], audio: torch.Tensor, video: torch.Tensor) -> None:
+        if audio.ndim != 3 or audio.shape != video.shape or len(keys) != audio.shape[0]:
+            raise ValueError(
+                f"need {len(keys)} clip ids and audio, video tokens of one shape (B, T, D); got "
+                f"{tuple(audio.shape)} and {tuple(video.shape)}"
+            )
+        shape = torch.tensor(audio.shape[1:], device=self.shape.device)
+        if self.audio and not torch.equal(shape, self.shape):
+            raise ValueError(f"token shape (T, D) changed from {self.shape.tolist()} to {shape.tolist()}")
+        self.shape = shape
+        self.audio.append(audio.detach().float().flatten())
+        self.video.append(video.detach().float().flatten())
+        self.keys.append(_encode_keys(keys, self.key_bytes).flatten().to(audio.device))
+
+    def compute(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """`(ids, audio (N, T, D), video (N, T, D))` on the CPU, each clip once, sorted by id."""
+        steps, dim = (int(v) for v in self.shape)
+        # after a sync the states are tensors (gathered), else lists of this rank's batches
+        if (isinstance(self.keys, list) and not self.keys) or steps * dim == 0:
+            return [], torch.empty(0, steps, dim), torch.empty(0, steps, dim)
+        keys = _decode_keys(dim_zero_cat(self.keys).reshape(-1, self.key_bytes).cpu())
+        first: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
+        ids = sorted(first)
+        rows = torch.tensor([first[key] for key in ids])
+        audio = dim_zero_cat(self.audio).reshape(-1, steps, dim).cpu()[rows]
+        video = dim_zero_cat(self.video).reshape(-1, steps, dim).cpu()[rows]
+        return ids, audio, video

@@ -8,6 +8,11 @@ off the dendrogram: with merge heights sorted in decreasing order `d_1 >= d_2 >=
 threshold does (tied heights), K-means with `K` clusters is the fallback. Segment ids are renumbered in
 order of first appearance, so frame 0 is always in segment 0.
 
+Choosing K when it is not known: `choose_segment_count` segments the clip for every K in 2..K_max and
+keeps the K with the highest silhouette score (mean over frames of how much closer a frame is to its own
+segment than to the nearest other one; ties go to the smaller K). The silhouette is undefined for one
+segment, so a clip is never left whole by this choice; the paper instead fixes K per clip by hand.
+
 By default the clustering ignores time, as in the paper: a segment id may recur (A B A), so "K segments"
 means K clusters. `contiguous=True` restricts merges to neighbouring frames (a chain connectivity
 graph): every cluster is then one run of frames.
@@ -29,7 +34,7 @@ from typing import Literal
 import numpy as np
 from scipy.sparse import diags
 from sklearn.cluster import AgglomerativeClustering, KMeans
-from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 Linkage = Literal["ward", "complete", "average", "single"]
 
@@ -89,6 +94,37 @@ def segment_frames(
             return Segmentation(first_appearance_order(clustering.labels_), "agglomerative", threshold)
     labels = KMeans(num_segments, n_init=10, random_state=seed).fit_predict(features)
     return Segmentation(first_appearance_order(labels), "kmeans")
+
+
+@dataclass
+class SegmentCount:
+    """The number of segments chosen for a clip, and the silhouette score of every candidate."""
+
+    count: int
+    silhouettes: dict[int, float]
+
+
+def choose_segment_count(
+    features: np.ndarray,
+    max_segments: int = 8,
+    linkage: Linkage = "ward",
+    contiguous: bool = False,
+) -> SegmentCount:
+    """The K in 2..`max_segments` whose segmentation has the highest silhouette score (see the module
+    docstring); a clip of fewer than 3 frames gets one segment per frame."""
+    features = np.asarray(features, dtype=np.float64)
+    frames = len(features)
+    if max_segments < 2:
+        raise ValueError(f"max_segments must be at least 2 to choose among counts, got {max_segments}")
+    candidates = range(2, min(max_segments, frames - 1) + 1)
+    if not candidates:
+        return SegmentCount(max(frames, 1), {})
+    silhouettes = {}
+    for count in candidates:
+        labels = segment_frames(features, count, linkage, contiguous).labels
+        silhouettes[count] = float(silhouette_score(features, labels)) if len(set(labels)) > 1 else -1.0
+    best = max(silhouettes, key=lambda count: (silhouettes[count], -count))
+    return SegmentCount(best, silhouettes)
 
 
 def _threshold_for(heights: np.ndarray, clusters: int) -> float | None:

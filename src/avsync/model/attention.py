@@ -5,7 +5,11 @@ On CPU its reduced-precision kernels are slow: in a bf16-autocast ViT-B pretrain
 `softmax(q k^T / sqrt(d)) v` (three oneDNN bf16 products and a softmax) made the whole step about 20 %
 faster than SDPA's flash kernel, and bf16 feature extraction about 10 % (`BENCHMARKS.md`), while in
 float32 SDPA stays the faster one (the explicit products would run on MKL's slower float32 batched
-GEMM: the whole step about 20 % slower). GPUs always use SDPA.
+GEMM: the whole step about 20 % slower). GPUs always use SDPA, through timm's own class:
+`avsync.onednn.use_device_kernels` switches between the two as the model moves between devices.
+
+The forward below reads timm's `Attention` internals (`TIMM_INTERNALS`); pyproject bounds timm below
+its next major version, and `tests/model/test_kernels.py` fails by name if one of them disappears.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Attention as TimmAttention
+
+#: Attributes of timm's `Attention` that `Attention.forward` uses (besides the `nn.Module` basics).
+TIMM_INTERNALS = ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "attn_drop", "num_heads")
 
 
 def explicit_attention_is_faster(query: torch.Tensor) -> bool:
@@ -35,8 +42,21 @@ class Attention(TimmAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.attn_drop.p or getattr(self, "gate", None) is not None:
+        missing = [name for name in TIMM_INTERNALS if not hasattr(self, name)]
+        if missing:
+            raise TypeError(f"timm's Attention lacks {missing}, which avsync's Attention reads: use timm<2")
+        if not self.supports(self):
             raise ValueError("avsync's Attention supports neither attention dropout nor gating")
+
+    @staticmethod
+    def supports(layer: TimmAttention) -> bool:
+        """Whether `layer` computes what this class computes: timm's internals present, no attention
+        dropout, no gate."""
+        return (
+            all(hasattr(layer, name) for name in TIMM_INTERNALS)
+            and not layer.attn_drop.p
+            and getattr(layer, "gate", None) is None
+        )
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False

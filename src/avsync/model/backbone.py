@@ -28,7 +28,7 @@ from avsync.model.masking import AudioMaskMode, Masking, mask_from_noise, struct
 from avsync.model.registers import Registers
 from avsync.model.transformer import init_like_authors, stack
 from avsync.objectives import InfoNCE, masked_mse
-from avsync.onednn import use_onednn_linears
+from avsync.onednn import use_device_kernels
 
 Modality = Literal["audio", "video"]
 
@@ -84,7 +84,13 @@ class CAVMAESync(nn.Module):
         mel_bins: log-Mel bins of the audio input.
         audio_length: spectrogram frames per audio window (416 = 4.16 s at 10 ms).
         embed_dim, num_heads, mlp_ratio: encoder width.
-        encoder_depth: blocks in each modality encoder; joint_depth: blocks in the joint layer.
+        encoder_depth: blocks in each modality encoder.
+        joint_depth: blocks in the joint layer (1 in the paper and the release). avsync chains them in
+            all three passes (block i reads block i-1's output). The authors' code chains them only in
+            the joint pass that feeds the decoder: its audio and video passes (`forward_encoder`, and
+            `forward_feat` in the CAV-MAE Sync forks we read) run every block on the encoder output and
+            keep the last block's result, so above 1 their global tokens come from the last block
+            alone (original CAV-MAE's `forward_feat` chains). At depth 1 the two are the same.
         decoder_dim, decoder_depth, decoder_heads: MAE decoder size.
         num_registers: register tokens per modality (0 disables them).
         global_token: learned global tokens; False = CAV-MAE (contrast mean-pooled patches).
@@ -157,7 +163,12 @@ class CAVMAESync(nn.Module):
         )
         self.contrastive = InfoNCE(temperature, bidirectional_contrast)
         self._init_weights()
-        use_onednn_linears(self)  # float32 CPU products on oneDNN: twice MKL's speed on AMD (onednn.py)
+        use_device_kernels(self, self.decoder.mask_token.device)  # CPU: oneDNN linears (onednn.py)
+
+    def _apply(self, fn, recurse=True):
+        """Moves (`.to`, `.cuda`, Lightning's placement) also choose the kernels for the new device."""
+        module = super()._apply(fn, recurse)
+        return use_device_kernels(module, self.decoder.mask_token.device)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

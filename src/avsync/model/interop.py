@@ -8,6 +8,7 @@ they are recomputed here and a file whose tables differ is refused.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,16 @@ AUTHORS_ARGUMENTS = {
     "norm_pix_loss": "norm_pix_loss",
 }
 #: Authors' arguments that do not change the backbone (data or training settings).
-AUTHORS_IGNORED_ARGUMENTS = {"total_frame", "in_chans", "global_local_losses", "keep_register_tokens"}
+AUTHORS_IGNORED_ARGUMENTS = {"total_frame", "in_chans"}
+#: Authors' switches whose True changes what their code computes in a way avsync does not implement:
+#: accepted when False (the released model's setting), refused with the reason when True.
+AUTHORS_UNSUPPORTED_SWITCHES = {
+    "keep_register_tokens": "the authors' code then runs the register tokens through the joint layer and "
+    "drops them after it; avsync drops them before it, as the released model does",
+    "global_local_losses": "the authors' training then averages the InfoNCE of the global tokens with that "
+    "of the mean-pooled patch tokens; avsync contrasts the global tokens only",
+    "tr_pos": "learned positions; avsync positions are fixed sin-cos",
+}
 
 
 def _translate(key: str, rules: list[tuple[str, str]]) -> str | None:
@@ -89,6 +99,54 @@ def _translate(key: str, rules: list[tuple[str, str]]) -> str | None:
         if match:
             return match.expand(template)
     return None
+
+
+_GROUP = re.compile(r"\([^()]*\)")
+
+
+def _inverted(pattern: str, template: str) -> tuple[str, str]:
+    """An `AUTHORS_RULES` entry turned around: (avsync key pattern, authors' key template)."""
+    groups = _GROUP.findall(pattern)
+    parts = re.split(r"\\(\d)", template)  # literal, group number, literal, ...
+    avsync = "".join(re.escape(part) if i % 2 == 0 else groups[int(part) - 1] for i, part in enumerate(parts))
+    numbers = iter(range(1, len(groups) + 1))
+    authors = _GROUP.sub(lambda _: f"\\{next(numbers)}", pattern).replace("\\.", ".")
+    return avsync, authors
+
+
+#: avsync key pattern -> the authors' key template (for naming missing weights as the file names them)
+AVSYNC_TO_AUTHORS = [_inverted(pattern, template) for pattern, template in AUTHORS_RULES]
+
+
+def authors_key(key: str) -> str:
+    """The authors' name of an avsync state-dict key (the key itself when there is no counterpart)."""
+    if key in ("registers.audio", "registers.video"):
+        return "register_tokens"
+    return _translate(key, AVSYNC_TO_AUTHORS) or key
+
+
+def format_name(state: dict[str, torch.Tensor]) -> str:
+    """Which of the authors' models a state dict holds: CAV-MAE Sync has global or register tokens."""
+    return "CAV-MAE Sync" if "cls_token_a" in state or "register_tokens" in state else "CAV-MAE"
+
+
+def _describe_missing(missing: list[str], expected: list[str]) -> list[str]:
+    """Missing avsync keys as the authors' file names them, `(avsync ...)` beside; a block whose every
+    tensor is missing is one `blocks_a.10.*` entry."""
+    by_block: dict[str, list[str]] = {}
+    for key in missing:
+        name = authors_key(key)
+        match = re.match(r"(.+?\.\d+)\.", name)
+        by_block.setdefault(match.group(1) if match else name, []).append(key)
+    entries = []
+    for block, keys in sorted(by_block.items()):
+        whole = [k for k in expected if authors_key(k).startswith(block + ".")]
+        if len(keys) > 1 and len(keys) == len(whole):
+            prefix = os.path.commonprefix(keys)
+            entries.append(f"{block}.* (avsync {prefix[: prefix.rfind('.') + 1]}*)")
+        else:
+            entries += [f"{authors_key(k)} (avsync {k})" for k in sorted(keys)]
+    return entries
 
 
 def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
@@ -111,8 +169,9 @@ def infer_authors_config(state: dict[str, torch.Tensor]) -> dict:
             mel_bins=mel_bins,
             audio_length=audio_patches * patch * patch // mel_bins,
             mlp_ratio=state["blocks_a.0.mlp.fc1.weight"].shape[0] / embed_dim,
-            encoder_depth=_count(state, "blocks_a"),
-            joint_depth=_count(state, "blocks_u"),
+            # the deeper encoder sets the depth, so that a block missing from one is reported missing
+            encoder_depth=max(1, _count(state, "blocks_a"), _count(state, "blocks_v")),
+            joint_depth=max(1, _count(state, "blocks_u")),
             decoder_dim=state["decoder_embed.weight"].shape[0],
             decoder_depth=_count(state, "decoder_blocks"),
             num_registers=state["register_tokens"].shape[0] // 2 if "register_tokens" in state else 0,
@@ -132,18 +191,14 @@ def _authors_config(state: dict[str, torch.Tensor], authors_kwargs: dict) -> dic
         set(authors_kwargs)
         - set(AUTHORS_ARGUMENTS)
         - AUTHORS_IGNORED_ARGUMENTS
-        - {
-            "modality_specific_depth",
-            "contrastive_heads",
-            "tr_pos",
-        }
+        - set(AUTHORS_UNSUPPORTED_SWITCHES)
+        - {"modality_specific_depth", "contrastive_heads"}
     )
     if unknown:
         raise CheckpointError(f"unknown authors' constructor arguments: {sorted(unknown)}")
-    if authors_kwargs.get("tr_pos"):
-        raise CheckpointError(
-            "tr_pos=True (learned positions) is not supported: avsync positions are fixed sin-cos"
-        )
+    for switch, reason in AUTHORS_UNSUPPORTED_SWITCHES.items():
+        if authors_kwargs.get(switch):
+            raise CheckpointError(f"{switch}=True is not supported by avsync: {reason}")
     given = {AUTHORS_ARGUMENTS[k]: v for k, v in authors_kwargs.items() if k in AUTHORS_ARGUMENTS}
     if "modality_specific_depth" in authors_kwargs:
         given["encoder_depth"] = authors_kwargs["modality_specific_depth"]
@@ -168,9 +223,12 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dic
 
 
 def convert_authors_state_dict(
-    state: dict[str, torch.Tensor], model: CAVMAESync, source: str = "checkpoint"
+    state: dict[str, torch.Tensor], model: CAVMAESync, source: str = "checkpoint", *, values: bool = True
 ) -> dict[str, torch.Tensor]:
-    """The authors' keys renamed to avsync's; every problem is collected and raised together."""
+    """The authors' keys renamed to avsync's; every problem is collected and raised together.
+
+    `values=False` checks names and shapes only (a `model` on the `meta` device has no values to
+    compare the fixed positional tables with)."""
     expected = model.state_dict()
     buffers = dict(model.named_buffers())
     converted: dict[str, torch.Tensor] = {}
@@ -180,7 +238,9 @@ def convert_authors_state_dict(
             continue
         if key in AUTHORS_FIXED:
             reference = buffers[AUTHORS_FIXED[key]]
-            if tensor.shape != reference.shape or not torch.allclose(tensor.float(), reference, atol=1e-5):
+            if tensor.shape != reference.shape or (
+                values and not torch.allclose(tensor.float(), reference, atol=1e-5)
+            ):
                 wrong_fixed.append(key)
             continue
         if key == "register_tokens":
@@ -205,7 +265,7 @@ def convert_authors_state_dict(
     missing = sorted(set(expected) - set(converted))
     problems = []
     if missing:
-        problems.append(f"missing for avsync keys {missing}")
+        problems.append(f"missing {', '.join(_describe_missing(missing, list(expected)))}")
     if unexpected:
         problems.append(f"unexpected keys {sorted(unexpected)}")
     if wrong_shape:
@@ -213,8 +273,23 @@ def convert_authors_state_dict(
     if wrong_fixed:
         problems.append(f"positional tables that are not the fixed sin-cos ones: {wrong_fixed}")
     if problems:
-        raise CheckpointError(f"{source}: cannot load as CAV-MAE Sync: " + "; ".join(problems))
+        raise CheckpointError(f"{source}: cannot load as {format_name(state)}: " + "; ".join(problems))
     return converted
+
+
+def _check_names(state: dict[str, torch.Tensor], config: dict, source: str) -> None:
+    """Missing, unexpected and misshapen keys, named before any size check: a file without
+    `blocks_a.10` is reported as missing `blocks_a.10.*`, not as too small. Built on the `meta` device
+    (nothing allocated), and only for configs with no more blocks than the file has tensors."""
+    depths = ("encoder_depth", "joint_depth", "decoder_depth", "contrastive_head_depth")
+    if sum(int(config.get(name, 0)) for name in depths) > len(state):
+        return  # an implausible config: build_backbone refuses it
+    try:
+        with torch.device("meta"):
+            skeleton = CAVMAESync(**config)
+    except Exception:  # noqa: BLE001 - build_backbone reports what is wrong with the config
+        return
+    convert_authors_state_dict(state, skeleton, source, values=False)
 
 
 def load_authors_checkpoint(path_or_state_dict, *, source: str | None = None, **authors_kwargs) -> CAVMAESync:
@@ -228,7 +303,14 @@ def load_authors_checkpoint(path_or_state_dict, *, source: str | None = None, **
         source = str(path_or_state_dict)
         path_or_state_dict = read_weights(path_or_state_dict)
     state = strip_prefix(state_dict_of(path_or_state_dict, source))
-    model = CAVMAESync(**_authors_config(state, authors_kwargs))
+    try:
+        config = _authors_config(state, authors_kwargs)
+    except (IndexError, ZeroDivisionError) as error:  # tensors of the wrong rank or empty
+        raise CheckpointError(f"{source}: not a CAV-MAE / CAV-MAE Sync state dict ({error})") from None
+    from avsync.loading import build_backbone  # not at the top: avsync.loading imports this module
+
+    _check_names(state, config, source)
+    model = build_backbone(config, state, source, exact=False)  # refuses before allocating
     model.load_state_dict(convert_authors_state_dict(state, model, source))
     return model
 

@@ -7,6 +7,11 @@ Each block owns one attention and one MLP but three LayerNorm sets, one per pass
 3. `video`: `[global_v, video patches]` -> (contrastive head) -> `norm_video`.
 
 Passes 2 and 3 give the global tokens for the contrastive objective and every downstream task.
+
+With more than one block, every pass chains them (block i reads block i-1's output). The authors'
+code chains only pass 1; in passes 2 and 3 it applies each block to the encoder output and keeps the
+last (`ca = blk(a, 'a')` in a loop), in training and, in the CAV-MAE Sync code, in `forward_feat` too.
+Their released model has one block, where both readings agree; see `CAVMAESync`'s `joint_depth`.
 """
 
 from __future__ import annotations

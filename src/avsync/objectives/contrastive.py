@@ -25,6 +25,9 @@ class InfoNCE(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.bidirectional = bidirectional
+        #: Every rank's batch has this rank's size (set by `PretrainModule(equal_batches=True)` for
+        #: training steps): the global batch is gathered without gathering its sizes first.
+        self.equal_batches = False
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(loss, accuracy)` for local `(b, D)` global tokens; accuracy is the share of local videos
@@ -33,13 +36,13 @@ class InfoNCE(nn.Module):
             return self._loss(F.normalize(audio.float(), dim=-1), F.normalize(video.float(), dim=-1))
 
     def _loss(self, audio: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        all_audio, offset = gather_with_grad(audio)
+        all_audio, offset = gather_with_grad(audio, self.equal_batches)
         targets = torch.arange(audio.shape[0], device=audio.device) + offset
         video_to_audio = video @ all_audio.T / self.temperature
         loss = F.cross_entropy(video_to_audio, targets)
         accuracy = (video_to_audio.argmax(dim=1) == targets).float().mean()
         if self.bidirectional:
-            all_video, _ = gather_with_grad(video)
+            all_video, _ = gather_with_grad(video, self.equal_batches)
             audio_to_video = audio @ all_video.T / self.temperature
             loss = (loss + F.cross_entropy(audio_to_video, targets)) / 2
             accuracy = (accuracy + (audio_to_video.argmax(dim=1) == targets).float().mean()) / 2

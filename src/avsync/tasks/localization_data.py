@@ -12,9 +12,13 @@ Three kinds of source, one per dataset item:
   clip is decoded once, through the same path as `avsync prepare` (JPEG frames included).
 
 Geometry: images go through the evaluation transform (short side to `image_size`, bicubic, centre crop);
-masks go through the same crop geometry from their own size (`crop_mask`), so heat maps and masks meet
-on the `image_size x image_size` model input. A video mask must have the video's size (frames may be
-stored shrunk; the crop box is the same up to sub-pixel rounding).
+masks go through DenseAV's label transform (`crop_mask`: short side to `image_size` nearest-neighbour,
+the same centre crop), so heat maps and masks meet on the `image_size x image_size` model input. A video
+mask must have the video's size (frames may be stored shrunk; the crop box is the same up to sub-pixel
+rounding).
+
+`LocalizationDataModule` serves the prompts to `trainer.test` (`avsync test --config
+configs/localization/...`, `avsync localize`).
 
 Errors never stop a run: a source that cannot be read becomes a `Rejection` (which source, why) that
 travels in the batch, and the rest is scored.
@@ -31,11 +35,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from avsync.data.alignment import AlignmentMode, aligned_windows
 from avsync.data.audio import decode_audio
@@ -203,11 +208,20 @@ def synth_prompt_set(synth_dir: str | Path, split: str | None = "test") -> Promp
 
 # ---------------------------------------------------------------------------------------------- decoding
 def crop_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
-    """A boolean mask `(H, W)` on the model input `(image_size, image_size)`: the very `CenterFrame`
-    geometry of the image (one bicubic resampling of the crop box), applied to the 0/255 mask and
-    thresholded at half, so mask and image cannot drift apart by a rounding convention."""
-    picture = Image.fromarray(mask.astype(np.uint8) * 255)
-    return torch.from_numpy(np.asarray(CenterFrame(image_size)(picture)) >= 128)
+    """A boolean mask `(H, W)` on the model input `(image_size, image_size)`, as DenseAV brings its
+    ADE20K label maps there (torchvision `Resize(size, NEAREST)` + `CenterCrop(size)` on a PIL image):
+    the short side to `image_size` nearest-neighbour (the long side truncated), then the centre crop
+    (offsets rounded half to even, Python's `round`). Nearest-neighbour picks one label pixel per output
+    pixel, so resizing the mask equals resizing the label map and comparing with the class."""
+    height, width = mask.shape
+    if width <= height:
+        resized = (image_size, int(image_size * height / width))
+    else:
+        resized = (int(image_size * width / height), image_size)
+    picture = Image.fromarray(mask.astype(np.uint8) * 255).resize(resized, Image.Resampling.NEAREST)
+    left, top = int(round((resized[0] - image_size) / 2)), int(round((resized[1] - image_size) / 2))
+    cropped = picture.crop((left, top, left + image_size, top + image_size))
+    return torch.from_numpy(np.asarray(cropped) > 0)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -446,3 +460,114 @@ def read_class_list(path: str | Path) -> list[str]:
                 return [row[column].strip() for row in rows]
         raise ValueError(f"{path}: a class CSV needs a name, display_name or mid column")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- data module
+class LocalizationDataModule(L.LightningDataModule):
+    """The prompts of a sound-prompted segmentation run, for `trainer.test`.
+
+    Args:
+        manifest: a CSV manifest (see `read_manifest`); or
+        synth: a synthetic set (`avsync synth`), every frame of a split prompted with its own window.
+        split: the synthetic split: `train`, `test` or `all`.
+        classes: a class-list file (`read_class_list`) for a manifest; rows naming another class are
+            refused. Default: the classes the manifest names, sorted.
+        audio_start: seconds into each prompt sound where its window starts (default: centred).
+        mismatched_sounds: the control of `MismatchedSounds` (each source prompted with the next one's
+            sounds).
+        batch_size: sources per batch (a synthetic clip is 16 prompts); num_workers: loader processes.
+        alignment: frame-to-window alignment of synthetic clips (SPEC §1).
+        image_size, audio_length: the model's frame side and window length; default: those of the
+            test run's `LocalizationModule` backbone.
+    """
+
+    def __init__(
+        self,
+        manifest: str | None = None,
+        synth: str | None = None,
+        split: str = "test",
+        classes: str | None = None,
+        audio_start: float | None = None,
+        mismatched_sounds: bool = False,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        alignment: AlignmentMode = "clip",
+        image_size: int | None = None,
+        audio_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if manifest is not None and synth is not None:
+            raise ValueError("give a manifest or a synthetic set (synth), not both")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0; got {batch_size}, {num_workers}")
+        self.manifest, self.synth, self.split = manifest, synth, split
+        self.classes, self.audio_start = classes, audio_start
+        self.mismatched_sounds = mismatched_sounds
+        self.batch_size, self.num_workers, self.alignment = batch_size, num_workers, alignment
+        self.image_size, self.audio_length = image_size, audio_length
+        #: how videos are decoded (default: `avsync prepare`'s); a Python-side setting, not a config key.
+        self.options = ExtractionOptions()
+        self._prompts: PromptSet | None = None
+
+    @classmethod
+    def from_prompts(cls, prompts: PromptSet, **kwargs) -> LocalizationDataModule:
+        """A data module serving `prompts` already read (by `read_manifest` or `synth_prompt_set`)."""
+        data = cls(**kwargs)
+        data._prompts = prompts
+        return data
+
+    @property
+    def prompts(self) -> PromptSet:
+        """The sources, class names and refused rows; read on first use."""
+        if self._prompts is None:
+            if self.manifest is not None:
+                names = read_class_list(self.classes) if self.classes else None
+                self._prompts = read_manifest(self.manifest, names, self.audio_start)
+            elif self.synth is not None:
+                self._prompts = synth_prompt_set(self.synth, None if self.split == "all" else self.split)
+            else:
+                raise ValueError("LocalizationDataModule needs a manifest or a synthetic set (synth)")
+            if self.mismatched_sounds and len(self._prompts.sources) < 2:
+                raise ValueError(
+                    "the mismatched-sound control needs at least two sources to swap sounds between"
+                )
+        return self._prompts
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.prompts.class_names
+
+    @property
+    def rejected(self) -> list[Rejection]:
+        """Manifest rows refused while reading (sources that fail to decode travel in the batches)."""
+        return self.prompts.rejected
+
+    def describe(self) -> dict:
+        """What was scored, for reports."""
+        if self.manifest is not None:
+            return {"manifest": str(self.manifest)}
+        if self.synth is not None:
+            return {"synth": str(self.synth), "split": self.split}
+        return {"prompts": len(self.prompts.sources)}
+
+    def setup(self, stage: str) -> None:
+        backbone = getattr(self.trainer.lightning_module, "backbone", None) if self.trainer else None
+        if self.image_size is None and backbone is not None:
+            self.image_size = backbone.image_size
+        if self.audio_length is None and backbone is not None:
+            self.audio_length = backbone.audio_length
+        self.prompts  # noqa: B018 - read the manifest now: its errors before any batch
+
+    def test_dataloader(self) -> DataLoader:
+        if self.image_size is None or self.audio_length is None:
+            raise ValueError(
+                "LocalizationDataModule needs image_size and audio_length (or a backbone to read)"
+            )
+        dataset: Dataset = PromptDataset(
+            self.prompts.sources, self.image_size, self.audio_length, self.alignment, self.options
+        )
+        if self.mismatched_sounds:
+            dataset = MismatchedSounds(dataset)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Literal
 
 import lightning as L
@@ -12,6 +11,7 @@ import torch
 from einops import rearrange
 from torch.optim.lr_scheduler import LambdaLR
 
+from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
 from avsync.model.interop import init_from_mae
 from avsync.tasks.visualize import reconstruction_panels
@@ -63,6 +63,12 @@ class PretrainModule(L.LightningModule):
         max_nonfinite_steps: a step whose loss is NaN/inf (on any rank) is skipped; this many in a row
             stop the run with `NonFiniteLossError` (see `avsync.training.nonfinite`).
         backbone_config: constructor arguments of the backbone; filled in when a checkpoint is reloaded.
+        equal_batches: every rank's training batches hold the same number of clips (as
+            `AVShardDataModule`'s do: it drops partial training batches), so the contrastive loss gathers
+            the global batch without first gathering its sizes (a collective and a host sync per step).
+
+    Learning rate and throughput are logged by Lightning's callbacks (`LearningRateMonitor`, avsync's
+    `ThroughputMonitor`; see the recipes); the schedule is named `train/lr` for the former.
     """
 
     def __init__(
@@ -81,14 +87,14 @@ class PretrainModule(L.LightningModule):
         compile: bool = False,
         max_nonfinite_steps: int = 10,
         backbone_config: dict | None = None,
+        equal_batches: bool = False,
     ):
         super().__init__()
-        if backbone is None:
-            backbone = CAVMAESync(**(backbone_config or {}))
+        if backbone is None:  # a fresh model, or the one a reloaded checkpoint's weights then fill
+            backbone = resolve_backbone(backbone_config=backbone_config or {})
         self.backbone = backbone
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams["backbone_config"] = dict(backbone.config)
-        self._step_started: float | None = None
         self._nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
         self._skip_step = False
 
@@ -125,10 +131,13 @@ class PretrainModule(L.LightningModule):
                 "epoch (AVShardDataModule(resampled=True, epoch_length=...))"
             )
         total = int(total)
-        min_ratio = self.hparams.min_lr / self.hparams.lr
+        min_ratio = self.hparams.min_lr / self.hparams.lr if self.hparams.lr else 0.0  # lr 0: frozen
         warmup = self._warmup_steps()
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"},
+        }
 
     def _warmup_steps(self) -> int:
         """`warmup_steps`, or `warmup_epochs` times the optimizer steps of one epoch."""
@@ -147,6 +156,7 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.backbone.contrastive.equal_batches = self.hparams.equal_batches
         out = self.backbone(batch["audio"], batch["video"])  # through __call__: compiled with `compile`
         batch_size = batch["audio"].shape[0]
         skip = self._nonfinite.should_skip(out.loss, self.trainer.strategy, self.global_step)
@@ -156,10 +166,6 @@ class PretrainModule(L.LightningModule):
             self.log("train/nonfinite_skipped", skipped, on_step=True, batch_size=batch_size)
             return out.loss
         self._log_terms("train", out, batch_size, on_step=True)
-        self.log(
-            "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=batch_size
-        )
-        self._log_throughput(batch_size)
         every = self.hparams.log_images_every_n_steps
         if every and self.global_step % every == 0:
             self._log_images(batch, out)
@@ -169,21 +175,6 @@ class PretrainModule(L.LightningModule):
         if self._skip_step:  # no gradients: the optimizer leaves weights and moments as they are
             optimizer.zero_grad(set_to_none=True)
         self._skip_step = False
-
-    def _log_throughput(self, batch_size: int) -> None:
-        now = time.perf_counter()
-        if self._step_started is not None:
-            samples = batch_size * self.trainer.world_size
-            self.log(
-                "train/samples_per_s",
-                samples / (now - self._step_started),
-                on_step=True,
-                batch_size=batch_size,
-            )
-        self._step_started = now
-
-    def on_train_epoch_start(self) -> None:
-        self._step_started = None
 
     def _log_terms(self, split: str, out, batch_size: int, on_step: bool) -> None:
         terms = {
@@ -214,6 +205,7 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.backbone.contrastive.equal_batches = False  # evaluation keeps the last, partial batch
         audio, video = batch["audio"], batch["video"]
         generator = torch.Generator().manual_seed(batch_idx)
         if video.ndim == 5:  # evaluation batches carry all T pairs of each clip

@@ -1,13 +1,15 @@
 """Zero-shot audio-visual retrieval (paper §3.5.1): `RetrievalModule` and `avsync retrieve`.
 
 Each clip contributes its T aligned frame/window pairs; their global tokens are gathered over the
-whole test set (all ranks) and ranked by `avsync.evaluation.retrieval`.
+whole test set (all ranks, `ClipEmbeddings`) and ranked by `avsync.evaluation.retrieval`.
+
+A run is `avsync test --config configs/retrieval/<recipe>.yaml` (LightningCLI: this module and an
+`AVShardDataModule`); `avsync retrieve --ckpt ... --shards ...` writes its options into the same config
+(`retrieval_config`) and runs it through the same LightningCLI.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,20 +17,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from avsync.evaluation.retrieval import (
     DIRECTIONS,
+    ClipEmbeddings,
     Direction,
     evaluate_all,
     flatten_metrics,
+    write_all_rankings,
     write_metrics_csv,
     write_metrics_json,
 )
 from avsync.evaluation.similarity import STRATEGIES, Strategy
 from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
-from avsync.tasks.evaluation_trainer import evaluation_trainer
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,9 @@ class RetrievalModule(L.LightningModule):
         backbone / backbone_checkpoint (+ authors_kwargs): the model, given or loaded from a file.
         strategies: similarity aggregations over the T x T token pairs (diagonal mean is the paper's).
         directions: `video_to_audio` (V->A) and/or `audio_to_video`.
-        top_k: also keep each query's top-k targets (written to `output_dir`).
-        output_dir: where `retrieval.json` and `retrieval.csv` go (rank 0); None = log only.
+        top_k: also keep each query's top-k targets, written (with every query's rank) to
+            `output_dir/rankings/{direction}_{strategy}.csv`.
+        output_dir: where `retrieval.json`, `retrieval.csv` and the rankings go (rank 0); None = log only.
     """
 
     def __init__(
@@ -67,15 +70,14 @@ class RetrievalModule(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.strategies, self.directions = tuple(strategies), tuple(directions)
         self.results: dict | None = None
-        #: `(keys, audio (N, T, D), video (N, T, D))` of the last test epoch, all ranks, each clip once.
+        #: `(keys, audio (N, T, D), video (N, T, D))` of the last test epoch: all ranks, each clip once,
+        #: sorted by clip id (row i of the rankings is clip keys[i]).
         self.embeddings: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
-        self._keys: list[str] = []
-        self._audio: list[torch.Tensor] = []
-        self._video: list[torch.Tensor] = []
+        self.clips = ClipEmbeddings()
 
     def on_test_epoch_start(self) -> None:
         self.backbone.eval()
-        self._keys, self._audio, self._video = [], [], []
+        self.clips.reset()
 
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -84,9 +86,7 @@ class RetrievalModule(L.LightningModule):
                 "retrieval needs eval-mode batches carrying all T pairs per clip (eval_mode: eval)"
             )
         embeddings = self.backbone.encode(batch["audio"], batch["video"])
-        self._audio.append(embeddings.global_audio.float().cpu())
-        self._video.append(embeddings.global_video.float().cpu())
-        self._keys.extend(batch["key"])
+        self.clips.update(batch["key"], embeddings.global_audio, embeddings.global_video)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         embeddings = self.backbone.encode(batch["audio"], batch["video"])
@@ -96,27 +96,10 @@ class RetrievalModule(L.LightningModule):
             "video": embeddings.global_video.float(),
         }
 
-    def _gathered(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Every rank's clips, each clip once (first occurrence), in rank order."""
-        local = (self._keys, torch.cat(self._audio), torch.cat(self._video))
-        parts = [local]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, local)
-        keys, audio, video, seen = [], [], [], set()
-        for part_keys, part_audio, part_video in parts:
-            for index, key in enumerate(part_keys):
-                if key not in seen:
-                    seen.add(key)
-                    keys.append(key)
-                    audio.append(part_audio[index])
-                    video.append(part_video[index])
-        return keys, torch.stack(audio), torch.stack(video)
-
     def on_test_epoch_end(self) -> None:
-        if not self._keys:
+        keys, audio, video = self.clips.compute()  # a collective: every rank calls it
+        if not keys:
             raise RuntimeError("the retrieval test set produced no clips")
-        keys, audio, video = self._gathered()
         self.embeddings = (keys, audio, video)
         results = evaluate_all(audio, video, self.strategies, self.directions, top_k=self.hparams.top_k)
         self.results = results
@@ -127,6 +110,8 @@ class RetrievalModule(L.LightningModule):
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             write_metrics_json(results, Path(output_dir) / "retrieval.json", clips=len(keys))
             write_metrics_csv(results, Path(output_dir) / "retrieval.csv")
+            if self.hparams.top_k:
+                write_all_rankings(results, output_dir, keys)
 
 
 def format_table(results: dict) -> str:
@@ -142,65 +127,105 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`avsync retrieve --ckpt PATH --shards DIR`: retrieval over prepared shards, printed and saved."""
-    from avsync.data.alignment import default_alignment
-    from avsync.data.datamodule import AVShardDataModule
+def retrieval_config(
+    ckpt: str,
+    shards: str,
+    *,
+    out: str | None = None,
+    strategies: Sequence[Strategy] = STRATEGIES,
+    directions: Sequence[Direction] = DIRECTIONS,
+    top_k: int = 0,
+    batch_size: int = 8,
+    workers: int = 2,
+    alignment: str = "clip",
+    accelerator: str = "auto",
+    devices: str | int = "auto",
+    precision: str = "32-true",
+    authors_kwargs: dict | None = None,
+    root_dir: str | None = None,
+) -> dict:
+    """The LightningCLI config (`avsync test --config`) of one retrieval run, as the recipes in
+    `configs/retrieval/` spell it out; `root_dir` receives the `config.yaml` LightningCLI saves."""
+    return {
+        "seed_everything": 0,
+        "verbose": False,
+        "trainer": {
+            "accelerator": accelerator,
+            "devices": int(devices) if str(devices).isdigit() else devices,
+            "precision": precision,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "default_root_dir": root_dir or out,
+        },
+        "model": {
+            "class_path": f"{__name__}.RetrievalModule",
+            "init_args": {
+                "backbone_checkpoint": str(ckpt),
+                "authors_kwargs": authors_kwargs or None,
+                "strategies": list(strategies),
+                "directions": list(directions),
+                "top_k": top_k,
+                "output_dir": out,
+            },
+        },
+        "data": {
+            "class_path": "avsync.data.datamodule.AVShardDataModule",
+            "init_args": {
+                "test_shards": str(shards),
+                "eval_batch_size": batch_size,
+                "num_workers": workers,
+                "alignment": alignment,
+            },
+        },
+    }
 
-    parser = argparse.ArgumentParser(prog="avsync retrieve", description=main.__doc__)
-    parser.add_argument(
-        "--ckpt", required=True, help="PretrainModule checkpoint, safetensors export or authors' file"
-    )
-    parser.add_argument("--shards", required=True, help="prepared shard directory (or glob / brace pattern)")
-    parser.add_argument("--out", help="directory for retrieval.json / retrieval.csv")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS)
-    parser.add_argument("--top-k", type=int, default=0, help="also save each query's top-k targets")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--alignment",
-        choices=["clip", "authors"],
-        default=None,
-        help="frame/window alignment (default: 'authors' for 1024-frame models such as CAV-MAE, else 'clip')",
-    )
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="auto")
-    parser.add_argument(
-        "--precision", default=None, help="e.g. bf16-mixed (default: 32 on CPU, bf16-mixed on GPU)"
-    )
-    parser.add_argument(
-        "--authors-kwargs",
-        type=json.loads,
-        default={},
-        help="JSON, e.g. '{\"num_heads\": 12}' for authors' files",
-    )
+
+def main(argv: list[str] | None = None) -> int:
+    """`avsync retrieve --ckpt PATH --shards DIR`: retrieval over prepared shards, printed and saved.
+
+    The options become a `retrieval_config`, run by the same LightningCLI as `avsync test --config`."""
+    import json
+    import tempfile
+
+    from avsync.cli import lightning_cli
+    from avsync.data.alignment import default_alignment
+    from avsync.distributed import release_process_group
+    from avsync.loading import load_backbone
+    from avsync.tasks.evaluation_trainer import quiet_lightning
+    from avsync.tool_parsers import retrieve as build_parser
+
+    parser = build_parser()  # torch-free, so that `avsync retrieve --help` is quick
     args = parser.parse_args(argv)
-    module = RetrievalModule(
-        backbone_checkpoint=args.ckpt,
-        authors_kwargs=args.authors_kwargs,
-        strategies=args.strategies,
-        directions=args.directions,
-        top_k=args.top_k,
-        output_dir=args.out,
-    )
-    data = AVShardDataModule(
-        test_shards=args.shards,
-        eval_batch_size=args.batch_size,
-        num_workers=args.workers,
-        alignment=args.alignment or default_alignment(module.backbone.audio_length),
-        image_size=module.backbone.image_size,
-        audio_length=module.backbone.audio_length,
-    )
+    alignment = args.alignment
+    if alignment is None:  # the model's window decides (one extra read of the checkpoint)
+        alignment = default_alignment(load_backbone(args.ckpt, **args.authors_kwargs).audio_length)
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    trainer = evaluation_trainer(
-        accelerator=args.accelerator, devices=args.devices, precision=precision, enable_progress_bar=True
-    )
-    trainer.test(module, datamodule=data, verbose=False)
-    if trainer.global_rank == 0:
-        print(format_table(module.results))
+    with tempfile.TemporaryDirectory(prefix="avsync-retrieve-") as scratch:
+        config = retrieval_config(
+            args.ckpt,
+            args.shards,
+            out=args.out,
+            strategies=args.strategies,
+            directions=args.directions,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            alignment=alignment,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            precision=precision,
+            authors_kwargs=args.authors_kwargs,
+            root_dir=args.out or scratch,
+        )
+        quiet_lightning()  # the table below is the output, not Lightning's hardware banner
+        cli = lightning_cli(["test", "--config", json.dumps(config)])
+        release_process_group()
+    if cli.trainer.global_rank == 0:
+        print(format_table(cli.model.results))
         if args.out:
-            print(f"wrote {Path(args.out) / 'retrieval.json'} and retrieval.csv")
+            rankings = " and rankings/" if args.top_k else ""
+            print(f"wrote {Path(args.out) / 'retrieval.json'}, retrieval.csv{rankings}")
     return 0
 
 

@@ -6,17 +6,24 @@ tokens (L2-normalized; `audio_visual` concatenates both, each normalized) are cl
 Fig. 6 shows the frame strip, the three segment bars (and the ground truth when known) and the
 spectrogram.
 
-    avsync segment clip1.mp4 clip2.mp4 --ckpt model.ckpt --segments 5 --out seg/ [--annotations DIR]
+    avsync segment clip1.mp4 clip2.mp4 --ckpt model.ckpt --out seg/ [--segments K] [--annotations A]
 
-writes `seg/<video>.png` per video and `seg/segments.json` (segment ids per kind, and with annotations the
-adjusted Rand index and boundary F1 per kind); a video that fails is reported and skipped. Annotations:
-`DIR/<video stem>.json` in the synthetic set's format (`frames.class_indices`) or `{"labels": [...]}`,
-one label per frame; `DIR` may also be a synthetic set's root (its `annotations/` folder is used).
+writes `seg/<video>.png` per video and `seg/segments.json` (segment ids per kind, the number of segments
+and where it came from, and with per-frame annotations the adjusted Rand index and boundary F1 per kind);
+a video that fails is reported and skipped.
+
+How many segments: `--segments K` when given; else the clip's count from `--annotations`; else chosen per
+clip and feature kind by the silhouette score over 2..`--max-segments` (a wrong K costs much: a clip of
+two events cut into the paper's 5 scores an ARI near 0.6 even with perfect features). Annotations: a
+folder of `<video stem>.json` in the synthetic set's format (`frames.class_indices`) or
+`{"labels": [...]}`, one label per frame (`DIR` may also be a synthetic set's root: its `annotations/`
+folder is used); or a CSV with columns `clip,segments` (clip: the video's stem or file name) that gives
+only the count.
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import io
 import json
 import math
@@ -42,6 +49,7 @@ from avsync.evaluation.segmentation import (
     Linkage,
     adjusted_rand_index,
     boundary_f1,
+    choose_segment_count,
     first_appearance_order,
     segment_frames,
 )
@@ -51,6 +59,8 @@ FeatureKind = Literal["video", "audio_visual", "audio"]
 #: Bar order of Fig. 6: visual, audio-visual, audio.
 FEATURE_KINDS: tuple[FeatureKind, ...] = ("video", "audio_visual", "audio")
 BAR_TITLES = {"video": "video", "audio_visual": "audio-visual", "audio": "audio", "truth": "ground truth"}
+#: `num_segments` value that chooses the count per clip and feature kind (silhouette score).
+AUTO = "auto"
 
 
 @dataclass
@@ -103,16 +113,24 @@ def clip_features(
 
 @dataclass
 class VideoSegmentation:
-    """Segment ids per feature kind; with ground truth, the agreement of each kind with it."""
+    """Segment ids per feature kind, how many and why (`count_source`: `given`, `truth` or `silhouette`);
+    with ground truth, the agreement of each kind with it."""
 
     name: str
     segments: dict[str, list[int]]
     methods: dict[str, str]
     truth: list[int] | None = None
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    count_source: str = "given"
 
     def to_json(self) -> dict:
-        out = {"segments": self.segments, "methods": self.methods}
+        out = {
+            "segments": self.segments,
+            "methods": self.methods,
+            "counts": self.counts,
+            "count_source": self.count_source,
+        }
         if self.truth is not None:
             out |= {"truth": self.truth, "agreement": self.agreement}
         return out
@@ -120,26 +138,39 @@ class VideoSegmentation:
 
 def segment_clip(
     features: ClipFeatures,
-    num_segments: int | None = 5,
+    num_segments: int | Literal["auto"] | None = AUTO,
     truth: Sequence[int] | None = None,
     linkage: Linkage = "ward",
     contiguous: bool = False,
     tolerance: int = 1,
+    max_segments: int = 8,
 ) -> VideoSegmentation:
-    """Segment a clip with each feature kind; `num_segments=None` takes the number of distinct
-    ground-truth labels (needs `truth`). With `truth`, adds ARI and boundary precision/recall/F1."""
+    """Segment a clip with each feature kind into `num_segments`; `None` takes the number of distinct
+    ground-truth labels (needs `truth`), `"auto"` the silhouette's choice in 2..`max_segments` per kind.
+    With `truth`, adds ARI and boundary precision/recall/F1."""
     frames = len(features.audio)
     if truth is not None and len(truth) != frames:
         raise ValueError(f"{features.name}: {len(truth)} ground-truth labels for {frames} frames")
+    source = "given"
     if num_segments is None:
         if truth is None:
             raise ValueError("num_segments=None needs ground truth to count its segments")
-        num_segments = len(set(truth))
+        num_segments, source = len(set(truth)), "truth"
+    elif num_segments == AUTO:
+        source = "silhouette"
+    elif not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"num_segments must be a positive integer, None or {AUTO!r}, got {num_segments!r}")
     result = VideoSegmentation(features.name, {}, {}, None if truth is None else [int(x) for x in truth])
+    result.count_source = source
     for kind in FEATURE_KINDS:
-        segmentation = segment_frames(features.of(kind), min(num_segments, frames), linkage, contiguous)
+        if num_segments == AUTO:
+            count = choose_segment_count(features.of(kind), max_segments, linkage, contiguous).count
+        else:
+            count = min(num_segments, frames)
+        segmentation = segment_frames(features.of(kind), count, linkage, contiguous)
         result.segments[kind] = segmentation.labels.tolist()
         result.methods[kind] = segmentation.method
+        result.counts[kind] = count
         if truth is not None:
             bounds = boundary_f1(truth, segmentation.labels, tolerance)
             result.agreement[kind] = {
@@ -218,6 +249,25 @@ def read_annotation(directory: Path, name: str) -> list[int] | None:
     return [int(label) for label in labels]
 
 
+def read_segment_counts(path: Path) -> dict[str, int]:
+    """`clip -> number of segments` from a CSV with columns `clip,segments`; clip names are taken without
+    their suffix, so that `a.mp4` and `a` both name video `a.mp4`. A `ValueError` names the file and row."""
+    counts: dict[str, int] = {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"clip", "segments"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs the columns clip,segments (found {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            try:
+                count = int(row["segments"])
+            except (TypeError, ValueError):
+                count = 0
+            if count < 1 or not row["clip"]:
+                raise ValueError(f"{path}: line {line}: a clip name and a positive segment count are needed")
+            counts[Path(row["clip"]).stem] = count
+    return counts
+
+
 # ------------------------------------------------------------------------------------------ synthetic sets
 @dataclass
 class SynthSegmentationScore:
@@ -245,14 +295,14 @@ def score_synth_segmentation(
     backbone: CAVMAESync,
     synth_dir: str | Path,
     split: str | None = "test",
-    num_segments: int | None = None,
+    num_segments: int | Literal["auto"] | None = None,
     linkage: Linkage = "ward",
     contiguous: bool = False,
     options: ExtractionOptions | None = None,
 ) -> SynthSegmentationScore:
     """Segment every clip of a synthetic set (or one split) and score it against its per-frame classes.
-    `num_segments=None`: each clip's own number of distinct classes (the synthetic clips hold 2-4 events,
-    fewer than the paper's 5)."""
+    `num_segments=None`: each clip's own number of distinct classes, i.e. the true count (the synthetic
+    clips hold 2-4 events, fewer than the paper's 5); `"auto"`: the silhouette's choice."""
     from avsync.data.synth import load_synth
 
     manifest = load_synth(synth_dir)
@@ -276,64 +326,66 @@ def synth_segmentation_ari(
     synth_dir: str | Path,
     split: str | None = "test",
     kind: FeatureKind = "audio_visual",
+    num_segments: int | Literal["auto"] | None = None,
 ) -> float:
-    """Mean adjusted Rand index of `kind` segments over a synthetic set's clips (for the demo table)."""
-    return score_synth_segmentation(backbone, synth_dir, split).mean("ari", kind)
+    """Mean adjusted Rand index of `kind` segments over a synthetic set's clips (for the demo table);
+    by default each clip is cut into its true number of segments."""
+    return score_synth_segmentation(backbone, synth_dir, split, num_segments).mean("ari", kind)
+
+
+def synth_segmentation_aris(
+    backbone: CAVMAESync,
+    synth_dir: str | Path,
+    split: str | None = "test",
+    kind: FeatureKind = "audio_visual",
+    settings: Sequence[int | Literal["auto"] | None] = (None, AUTO),
+) -> list[float]:
+    """`synth_segmentation_ari` for each `num_segments` of `settings`, encoding every clip once."""
+    from avsync.data.synth import load_synth
+
+    manifest = load_synth(synth_dir)
+    ids = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]
+    per_setting: list[list[float]] = [[] for _ in settings]
+    for clip in ids:
+        try:
+            features = clip_features(backbone, manifest.video(clip))
+        except DecodeError:
+            continue
+        truth = manifest.annotation(clip)["frames"]["class_indices"]
+        for scores, count in zip(per_setting, settings, strict=True):
+            scores.append(segment_clip(features, count, truth).agreement[kind]["ari"])
+    return [float(np.mean(scores)) if scores else math.nan for scores in per_setting]
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="avsync segment",
-        description="Temporal segmentation of videos into audio-visual events (supplementary §11, Fig. 6).",
-    )
-    add = parser.add_argument
-    add("videos", nargs="+", type=Path, metavar="VIDEO", help="video files")
-    add(
-        "--ckpt",
-        required=True,
-        type=Path,
-        help="avsync checkpoint (.ckpt / .safetensors) or the authors' one",
-    )
-    add("--out", required=True, type=Path, help="output folder: one PNG per video and segments.json")
-    add("--segments", type=int, default=5, help="segments per video (default: %(default)s)")
-    add(
-        "--annotations",
-        type=Path,
-        help="per-frame ground truth: folder of <video stem>.json (or a synth set)",
-    )
-    add("--linkage", choices=("ward", "complete", "average", "single"), default="ward")
-    add("--contiguous", action="store_true", help="only merge neighbouring frames (segments are runs)")
-    add("--tolerance", type=int, default=1, help="boundary match tolerance in frames (default: %(default)s)")
-    add(
-        "--alignment", choices=("clip", "authors"), default="clip", help="frame-to-window alignment (SPEC §1)"
-    )
-    add(
-        "--max-duration",
-        type=float,
-        default=60.0,
-        help="longest accepted video in seconds (default: %(default)s)",
-    )
-    add(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: %(default)s)",
-    )
-    return parser
+def build_parser():
+    """`avsync segment`'s parser (in `avsync.tool_parsers`, free of torch, so that help is quick)."""
+    from avsync.tool_parsers import segment
+
+    return segment()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.segments is not None and args.segments < 1:
+        print("avsync segment: error: --segments must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_segments < 2:
+        print("avsync segment: error: --max-segments must be at least 2", file=sys.stderr)
+        return 2
     from avsync.checkpoint_io import CheckpointError
     from avsync.loading import load_backbone
 
+    counts: dict[str, int] = {}
     try:
-        backbone = load_backbone(args.ckpt).to(args.device)
-    except (CheckpointError, RuntimeError) as error:
+        if args.annotations is not None and args.annotations.is_file():
+            counts = read_segment_counts(args.annotations)
+        elif args.annotations is not None and not args.annotations.is_dir():
+            raise ValueError(f"{args.annotations}: no such annotation folder or CSV file")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone = load_backbone(args.ckpt).to(device)
+    except (CheckpointError, RuntimeError, ValueError, OSError) as error:
         print(f"avsync segment: error: {error}", file=sys.stderr)
-        return 2
-    if args.segments < 1:
-        print("avsync segment: error: --segments must be at least 1", file=sys.stderr)
         return 2
     options = ExtractionOptions(max_duration=args.max_duration)
     results: dict[str, dict] = {}
@@ -341,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     for video in args.videos:
         try:
             features = clip_features(backbone, video, options, args.alignment)
-            truth = read_annotation(args.annotations, video.stem) if args.annotations else None
+            truth = read_annotation(args.annotations, video.stem) if args.annotations and not counts else None
+            # the count: given > the annotation's (a CSV's, or the truth's distinct labels) > silhouette
+            count = args.segments or counts.get(video.stem) or (None if truth is not None else AUTO)
             result = segment_clip(
-                features, args.segments, truth, args.linkage, args.contiguous, args.tolerance
+                features, count, truth, args.linkage, args.contiguous, args.tolerance, args.max_segments
             )
+            if video.stem in counts and args.segments is None:
+                result.count_source = "annotations"
             picture = plot_segmentation(features, result, args.out / f"{video.stem}.png")
         except (DecodeError, ValueError, KeyError, OSError) as error:
             reason = str(error) if isinstance(error, DecodeError) else f"{video}: {error}"
@@ -354,8 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         results[video.stem] = {"video": str(video), "figure": picture.name, **result.to_json()}
         scores = result.agreement.get("audio_visual")
         summary = f"  ARI {scores['ari']:.2f}  boundary F1 {scores['boundary_f1']:.2f}" if scores else ""
-        print(f"{video.stem}: audio-visual segments {result.segments['audio_visual']}{summary}")
-    report: dict = {"segments": args.segments, "contiguous": args.contiguous, "linkage": args.linkage}
+        print(
+            f"{video.stem}: {result.counts['audio_visual']} audio-visual segments ({result.count_source}) "
+            f"{result.segments['audio_visual']}{summary}"
+        )
+    report: dict = {"segments": args.segments, "max_segments": args.max_segments}
+    report |= {"contiguous": args.contiguous, "linkage": args.linkage}
     report |= {"videos": results, "failures": failures}
     scored = [entry["agreement"] for entry in results.values() if "agreement" in entry]
     if scored:

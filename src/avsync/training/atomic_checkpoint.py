@@ -10,12 +10,19 @@ where the move becomes a copy into the final name: a job killed during that copy
 renames it over the destination (`os.replace`, atomic within one filesystem) and fsyncs the directory.
 The `.partial` name is not one that `ckpt_path="last"` or a `*.ckpt` glob picks up; a leftover from a
 killed save is overwritten by the next save to the same name.
+
+Reads (Lightning's resume, `--ckpt_path` of every subcommand) are always weights-only
+(`avsync.checkpoint_io.load_pickle`), whatever the caller asked, and a file that cannot serve the run
+(another format, no training state for `fit`, weights of another model) is a `CheckpointError` naming
+it before Lightning touches the module.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +31,13 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from avsync.checkpoint_io import CheckpointError, load_pickle, looks_like_safetensors
+
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+#: What a `fit` resume reads besides the weights (absent from `save_weights_only` checkpoints).
+TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "loops")
 
 
 def partial_path(path: str | Path) -> Path:
@@ -59,6 +70,66 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(temporary, destination)
         _fsync_directory(destination.parent)  # make the rename itself survive a crash
         log.debug("saved checkpoint %s", destination)
+
+    def expect(self, module: Any = None, *, training_state: bool = False) -> None:
+        """What the next load must fit: `module`'s weights (checked when it loads strictly) and, for a
+        `fit` resume, the optimizer, scheduler and loop state. Set by avsync's CLI before it runs."""
+        self._module = None if module is None else weakref.ref(module)
+        self._training_state = training_state
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint at `path`, read weights-only (`weights_only=False` is refused, not obeyed)."""
+        if weights_only is False:
+            raise CheckpointError(
+                f"{path}: avsync reads checkpoints weights-only; weights_only=False is refused"
+            )
+        filesystem = get_filesystem(path)
+        if not filesystem.exists(path):
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        local = isinstance(filesystem, LocalFileSystem)
+        if str(path).endswith(".safetensors") or (local and looks_like_safetensors(path)):
+            raise CheckpointError(
+                f"{path}: a safetensors file holds weights only; a run resumes from (and validate / test "
+                "read) a Lightning checkpoint (.ckpt)"
+            )
+        with filesystem.open(path, "rb") as handle:
+            checkpoint = load_pickle(handle, str(path), map_location)
+        self._check(checkpoint, str(path))
+        return checkpoint
+
+    def _check(self, checkpoint: Any, name: str) -> None:
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+            raise CheckpointError(f"{name}: not a Lightning checkpoint (no state_dict mapping)")
+        if not isinstance(checkpoint.get("hyper_parameters", {}), Mapping):
+            raise CheckpointError(f"{name}: its hyper_parameters are not a mapping")
+        state = checkpoint["state_dict"]
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise CheckpointError(f"{name}: its state_dict is not a mapping of names to tensors")
+        if getattr(self, "_training_state", False):
+            absent = [key for key in TRAINING_STATE_KEYS if key not in checkpoint]
+            if absent:
+                raise CheckpointError(
+                    f"{name}: holds no training state ({', '.join(absent)} missing: saved with "
+                    "save_weights_only, or not a training checkpoint); fit cannot resume from it"
+                )
+        module = getattr(self, "_module", None)
+        module = module() if module is not None else None
+        if module is not None and getattr(module, "strict_loading", True):
+            own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
+            wrong = sorted(k for k in own if k in state and tuple(state[k].shape) != own[k])
+            if missing or unexpected or wrong:
+                raise CheckpointError(
+                    f"{name}: its weights do not fit the configured model (another model or config): "
+                    f"missing {_some(missing)}, unexpected {_some(unexpected)}, wrong shapes {_some(wrong)}"
+                )
+
+
+def _some(keys: list[str], limit: int = 5) -> str:
+    return str(keys[:limit])[:-1] + (f", ... {len(keys) - limit} more]" if len(keys) > limit else "]")
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -27,6 +27,7 @@ from avsync.data.synth.render import (
     render_background,
     render_sound,
 )
+from avsync.data.synth.speechlike import MovingScenes, background_noise, pan, render_speech, speech_catalogue
 from avsync.data.synth.timeline import Event, sample_timeline
 
 
@@ -60,9 +61,58 @@ def shown_frame(time: float, fps: float, num_frames: int) -> int:
     return min(num_frames - 1, math.floor(time * fps + 1e-9))
 
 
+class StillScenes:
+    """The pictures of a tones clip: per event, the class object at a fixed place on one background."""
+
+    def __init__(self, rng: np.random.Generator, size: tuple[int, int], classes, events: list[Event]) -> None:
+        self.events = events
+        background = render_background(rng, size)
+        self.scenes = []  # per event: the frame before sensor noise, and the object's mask
+        for event in events:
+            box = place_object(rng, size)
+            self.scenes.append(
+                draw_object(background, classes[event.class_index], box, rng.uniform(0.85, 1.0))
+            )
+
+    def render(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.scenes[_event_at(self.events, frame)]
+
+
+def catalogue(config: SynthConfig) -> list[SynthClass]:
+    """The class designs of the config's kind."""
+    return (
+        speech_catalogue(config.classes) if config.kind == "speechlike" else class_catalogue(config.classes)
+    )
+
+
+def render_clip(
+    config: SynthConfig,
+    classes: list[SynthClass],
+    events: list[Event],
+    picture_rng: np.random.Generator,
+    sound_rng: np.random.Generator,
+) -> tuple[StillScenes | MovingScenes, np.ndarray]:
+    """The kind-specific part of a clip: its pictures (`.render(frame) -> (pixels, mask)`) and its
+    soundtrack `(channels, samples)`. Everything else (timeline, noise, files, ground truth) is shared."""
+    size = (config.size, config.frame_height)
+    if config.kind == "speechlike":
+        pictures = MovingScenes(picture_rng, size, classes, events)
+        audio = background_noise(sound_rng, config.num_audio_samples, config.sample_rate, config.audio_snr_db)
+        for i, event in enumerate(events):
+            start, end = (_sample_index(frame, config) for frame in (event.start_frame, event.end_frame))
+            voice = render_speech(classes[event.class_index], sound_rng, end - start, config.sample_rate)
+            audio[:, start:end] += pan(voice, pictures.pan_track(i, end - start))
+        if config.channels == 1:
+            audio = audio.mean(axis=0, keepdims=True)
+        return pictures, audio
+    pictures = StillScenes(picture_rng, size, classes, events)
+    audio = _soundtrack(config, classes, events, sound_rng)[None]
+    return pictures, np.repeat(audio, config.channels, axis=0)
+
+
 def write_clip(out_dir: Path, config: SynthConfig, index: int) -> ClipRecord:
     """Render clip `index` of the set and write its video, masks and annotation under `out_dir`."""
-    classes = class_catalogue(config.classes)
+    classes = catalogue(config)
     timeline_rng, picture_rng, sound_rng = np.random.default_rng([config.seed, index]).spawn(3)
     name = clip_id(config.seed, index)
     times = frame_times(config.duration, config.annotated_frames)
@@ -75,21 +125,12 @@ def write_clip(out_dir: Path, config: SynthConfig, index: int) -> ClipRecord:
         config.min_event,
         protected_times=times,
     )
-
-    background = render_background(picture_rng, config.size)
-    scenes = []  # per event: the frame before sensor noise, and the object's mask
-    for event in events:
-        box = place_object(picture_rng, config.size)
-        scenes.append(
-            draw_object(background, classes[event.class_index], box, picture_rng.uniform(0.85, 1.0))
-        )
-
-    audio = _soundtrack(config, classes, events, sound_rng)
+    pictures, audio = render_clip(config, classes, events, picture_rng, sound_rng)
     path = video_path(out_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(
         path,
-        _frames(events, scenes, config.video_noise, picture_rng),
+        _frames(pictures, config, picture_rng),
         config.num_video_frames,
         config.fps,
         audio,
@@ -98,13 +139,14 @@ def write_clip(out_dir: Path, config: SynthConfig, index: int) -> ClipRecord:
     )
 
     shown = [shown_frame(t, float(config.fps), config.num_video_frames) for t in times]
-    shown_events = [_event_at(events, frame) for frame in shown]
-    for i, event_index in enumerate(shown_events):
+    masks = [pictures.render(frame)[1] for frame in shown]
+    for i, mask in enumerate(masks):
         target = mask_path(out_dir, name, i)
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scenes[event_index][1].astype(np.uint8) * 255, "L").save(target)
+        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(target)
 
-    annotation = _annotation(config, classes, name, events, scenes, times, shown, shown_events)
+    boxes = [_event_box(pictures, event) for event in events]
+    annotation = _annotation(config, classes, name, events, boxes, times, shown, masks)
     target = annotation_path(out_dir, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(annotation, indent=1) + "\n")
@@ -112,20 +154,35 @@ def write_clip(out_dir: Path, config: SynthConfig, index: int) -> ClipRecord:
     return ClipRecord(name, present, len(events))
 
 
-def _frames(
-    events: list[Event], scenes: list[tuple[np.ndarray, np.ndarray]], noise: float, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """Every video frame in order: the event's scene plus sensor noise that changes every frame.
+def _event_box(pictures: StillScenes | MovingScenes, event: Event) -> tuple[int, int, int, int]:
+    """The bounding box of every pixel the event's object covers: the union of its first and last
+    frames' boxes (objects move along straight lines, so every frame in between lies inside)."""
+    boxes = [_bounding_box(pictures.render(frame)[1]) for frame in (event.start_frame, event.end_frame - 1)]
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
 
-    The noise of each frame is a randomly placed crop of one field twice the frame's side, which is
+
+def _frames(
+    pictures: StillScenes | MovingScenes, config: SynthConfig, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Every video frame in order: the frame's picture plus sensor noise that changes every frame.
+
+    The noise of each frame is a randomly placed crop of one field twice the frame's size, which is
     several times cheaper than drawing fresh noise per frame and looks the same.
     """
-    size = scenes[0][0].shape[0]
-    field = rng.standard_normal((2 * size, 2 * size, 3), dtype=np.float32) * noise + 0.5
-    for event, (scene, _) in zip(events, scenes, strict=True):
-        for _ in range(event.start_frame, event.end_frame):
-            y, x = rng.integers(0, size + 1, 2)
-            yield np.clip(scene + field[y : y + size, x : x + size], 0, 255).astype(np.uint8)
+    width, height = config.size, config.frame_height
+    field = rng.standard_normal((2 * height, 2 * width, 3), dtype=np.float32) * config.video_noise + 0.5
+    for frame in range(config.num_video_frames):
+        picture, _ = pictures.render(frame)
+        if width == height:
+            y, x = rng.integers(0, width + 1, 2)
+        else:
+            y, x = rng.integers(0, [height + 1, width + 1])
+        yield np.clip(picture + field[y : y + height, x : x + width], 0, 255).astype(np.uint8)
 
 
 def _soundtrack(
@@ -152,20 +209,22 @@ def _annotation(
     classes: list[SynthClass],
     name: str,
     events: list[Event],
-    scenes: list[tuple[np.ndarray, np.ndarray]],
+    boxes: list[tuple[int, int, int, int]],
     times: list[float],
     shown: list[int],
-    shown_events: list[int],
+    masks: list[np.ndarray],
 ) -> dict[str, Any]:
     fps = config.fps
     return {
         "clip_id": name,
+        "kind": config.kind,
         "video": f"videos/{name}.mp4",
         "duration": config.duration,
         "fps": str(fps),
         "num_video_frames": config.num_video_frames,
         "sample_rate": config.sample_rate,
-        "size": [config.size, config.size],
+        "channels": config.channels,
+        "size": [config.size, config.frame_height],
         "labels": [classes[k].mid for k in sorted({event.class_index for event in events})],
         "events": [
             {
@@ -175,14 +234,15 @@ def _annotation(
                 "end_frame": event.end_frame,
                 "class_index": event.class_index,
                 "mid": classes[event.class_index].mid,
-                "box": list(_bounding_box(mask)),
+                "box": list(box),
             }
-            for event, (_, mask) in zip(events, scenes, strict=True)
+            for event, box in zip(events, boxes, strict=True)
         ],
         "frames": {
             "times": times,
             "video_frames": shown,
-            "class_indices": [events[e].class_index for e in shown_events],
+            "class_indices": [events[_event_at(events, frame)].class_index for frame in shown],
+            "boxes": [list(_bounding_box(mask)) for mask in masks],
             "masks": [mask_path(Path(), name, i).as_posix() for i in range(len(times))],
         },
     }

@@ -16,6 +16,20 @@ from avsync.data.synth.classes import MAX_CLASSES
 #: Bump whenever the rendering changes what a given config produces, so that cached sets are rebuilt.
 SYNTH_VERSION = 1
 
+#: The kinds of set `avsync synth` makes: `tones` (the demo's: pure-ish tones, still objects on a
+#: grey, lightly cluttered square frame) and `speechlike` (formant-synthesized syllables over noise,
+#: moving objects with a silent distractor on a busy frame; stereo, 22.05 kHz, 320x240, 8 fps).
+KINDS = ("tones", "speechlike")
+
+#: What each kind takes when a parameter is not given: the demo's small mono clips, and for
+#: `speechlike` the shape of a common web video (stereo 22.05 kHz, 320x240, 8 fps) with louder noise.
+KIND_DEFAULTS: dict[str, dict] = {
+    "tones": dict(fps="10", size=128, sample_rate=16000, channels=1, video_noise=4.0, audio_snr_db=30.0),
+    "speechlike": dict(
+        fps="8", size="320x240", sample_rate=22050, channels=2, video_noise=6.0, audio_snr_db=12.0
+    ),
+}
+
 #: Sample rates the AAC encoder accepts (MPEG-4 sampling-frequency table).
 AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
@@ -49,6 +63,9 @@ class SynthConfig:
     video_noise: float = 4.0
     audio_snr_db: float = 30.0
     crf: int = 18
+    kind: str = "tones"
+    height: int | None = None
+    channels: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fps", parse_fps(self.fps))
@@ -65,8 +82,15 @@ class SynthConfig:
                 f"--duration {self.duration} s at {self.fps} fps is not a whole number of frames "
                 f"({float(self.duration * self.fps):.3f}); pick a duration that is"
             )
-        if self.size < 16 or self.size % 2:
-            problems.append(f"--size must be an even number of pixels >= 16 (H.264 4:2:0), got {self.size}")
+        if self.kind not in KINDS:
+            problems.append(f"--kind must be one of {KINDS}, got {self.kind!r}")
+        for side in sorted({self.size, self.frame_height}):
+            if side < 16 or side % 2:
+                problems.append(
+                    f"--size sides must be even numbers of pixels >= 16 (H.264 4:2:0), got {side}"
+                )
+        if self.channels not in (1, 2):
+            problems.append(f"--channels must be 1 or 2, got {self.channels}")
         if self.sample_rate not in AAC_SAMPLE_RATES:
             problems.append(
                 f"--sample-rate {self.sample_rate} is not an AAC rate; use one of {AAC_SAMPLE_RATES}"
@@ -83,6 +107,11 @@ class SynthConfig:
             problems.append(f"crf must be in [0, 51], got {self.crf}")
         if problems:
             raise ValueError("invalid synth parameters: " + "; ".join(problems))
+
+    @property
+    def frame_height(self) -> int:
+        """`size` is the frame width; the height is `height`, or `size` (square) when not given."""
+        return self.size if self.height is None else self.height
 
     @property
     def num_video_frames(self) -> int:

@@ -28,7 +28,6 @@ set is reused as it is ("cached").
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -45,9 +44,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from avsync.data.synth.classes import SynthClass, class_catalogue
-from avsync.data.synth.clip import ClipRecord, annotation_path, clip_id, mask_path, video_path, write_clip
-from avsync.data.synth.config import SYNTH_VERSION, SynthConfig, parse_fps
+from avsync.data.synth.classes import SynthClass
+from avsync.data.synth.clip import (
+    ClipRecord,
+    annotation_path,
+    catalogue,
+    clip_id,
+    mask_path,
+    video_path,
+    write_clip,
+)
+from avsync.data.synth.config import KIND_DEFAULTS, KINDS, SYNTH_VERSION, SynthConfig, parse_fps
+from avsync.tool_parsers import synth as build_parser
 
 MANIFEST_NAME = "synth.json"
 MANIFEST_FORMAT = "avsync-synth"
@@ -103,37 +111,53 @@ def synthesize(
     classes: int,
     seed: int = 0,
     *,
+    kind: str = "tones",
     duration: float = 10.0,
-    fps: float | str | Fraction = 10,
-    size: int = 128,
-    sample_rate: int = 16000,
+    fps: float | str | Fraction | None = None,
+    size: int | tuple[int, int] | str | None = None,
+    sample_rate: int | None = None,
+    channels: int | None = None,
     holdout: float = 0.2,
     events: tuple[int, int] = (2, 4),
     min_event: float = 1.5,
-    video_noise: float = 4.0,
-    audio_snr_db: float = 30.0,
+    video_noise: float | None = None,
+    audio_snr_db: float | None = None,
     workers: int | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> SynthManifest:
     """Write a synthetic set to `out_dir` (or reuse the one there if it has the same parameters).
 
+    `kind`: `tones` or `speechlike` (see :data:`KIND_DEFAULTS`: every parameter left at None takes
+    the kind's default). `size`: a square's side, `(width, height)` or `"WxH"`.
     `workers`: processes (default: the CPUs this process may use; 0 or 1 renders in this process).
     `force`: regenerate even when `out_dir` already holds this set.
     """
+    if kind not in KINDS:
+        raise ValueError(f"invalid synth parameters: --kind must be one of {KINDS}, got {kind!r}")
+    given = dict(
+        fps=fps,
+        size=size,
+        sample_rate=sample_rate,
+        channels=channels,
+        video_noise=video_noise,
+        audio_snr_db=audio_snr_db,
+    )
+    values = {**KIND_DEFAULTS[kind], **{k: v for k, v in given.items() if v is not None}}
+    width, height = parse_size(values.pop("size"))
     config = SynthConfig(
         clips=clips,
         classes=classes,
         seed=seed,
         duration=duration,
-        fps=parse_fps(fps),
-        size=size,
-        sample_rate=sample_rate,
+        fps=parse_fps(values.pop("fps")),
+        size=width,
+        height=None if height == width else height,
         holdout=holdout,
         events=events,
         min_event=min_event,
-        video_noise=video_noise,
-        audio_snr_db=audio_snr_db,
+        kind=kind,
+        **values,
     )
     return synthesize_config(Path(out_dir), config, workers=workers, force=force, progress=progress)
 
@@ -162,7 +186,7 @@ def synthesize_config(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    manifest = SynthManifest(staging, config, class_catalogue(config.classes), records, _split(config))
+    manifest = SynthManifest(staging, config, catalogue(config), records, _split(config))
     _write_tables(manifest)
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     _replace(out_dir, staging)
@@ -189,7 +213,7 @@ def _complete_set(out_dir: Path) -> SynthManifest | None:
         if stored.get("format") != MANIFEST_FORMAT or stored.get("version") != SYNTH_VERSION:
             return None
         config = SynthConfig.from_json(stored["parameters"])
-        classes = class_catalogue(config.classes)
+        classes = catalogue(config)
         index = {c.mid: c.index for c in classes}
         clips = [
             ClipRecord(c["clip_id"], tuple(index[mid] for mid in c["labels"]), c["num_events"])
@@ -297,38 +321,16 @@ def _replace(out_dir: Path, staging: Path) -> None:
         staging.rename(out_dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="avsync synth",
-        description="Write a synthetic audio-visual set: H.264 + AAC mp4s, labels, events and masks.",
-    )
-    add = parser.add_argument
-    add("out", type=Path, metavar="OUT", help="output folder (replaced if it holds another synthetic set)")
-    add("--clips", type=int, required=True, help="number of clips")
-    add("--classes", type=int, required=True, help="number of classes (1-32)")
-    add("--seed", type=int, default=0, help="same seed and parameters, same set (default: %(default)s)")
-    add("--duration", type=float, default=10.0, help="clip length in seconds (default: %(default)s)")
-    add("--fps", type=str, default="10", help="frame rate: 10, 12.5, 30000/1001... (default: %(default)s)")
-    add("--size", type=int, default=128, help="frame side in pixels, even (default: %(default)s)")
-    add("--sample-rate", type=int, default=16000, help="audio rate in Hz, an AAC rate (default: %(default)s)")
-    add(
-        "--holdout",
-        type=float,
-        default=0.2,
-        help="fraction of clips in splits/test.txt (default: %(default)s)",
-    )
-    add(
-        "--events",
-        type=int,
-        nargs=2,
-        default=[2, 4],
-        metavar=("MIN", "MAX"),
-        help="events per clip (default: 2 4)",
-    )
-    add("--min-event", type=float, default=1.5, help="shortest event in seconds (default: %(default)s)")
-    add("--workers", type=int, default=None, help="processes (default: every CPU this process may use)")
-    add("--force", action="store_true", help="regenerate even if OUT already holds this set")
-    return parser
+def parse_size(value: int | str | tuple[int, int]) -> tuple[int, int]:
+    """`(width, height)` from a side (`128`, `"128"`), `"320x240"` or a pair."""
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    text = str(value).lower()
+    try:
+        width, _, height = text.partition("x")
+        return int(width), int(height or width)
+    except ValueError as error:
+        raise ValueError(f"invalid synth parameters: --size must be SIDE or WxH, got {value!r}") from error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             args.clips,
             args.classes,
             args.seed,
+            kind=args.kind,
             duration=args.duration,
             fps=args.fps,
             size=args.size,
             sample_rate=args.sample_rate,
+            channels=args.channels,
             holdout=args.holdout,
             events=tuple(args.events),
             min_event=args.min_event,

@@ -24,18 +24,20 @@ FADE_SECONDS = 0.01
 SOUND_RMS = (0.05, 0.1)
 
 
-def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """`(size, size, 3)` float32: a smooth grey field with a faint tint, grey clutter shapes and grain."""
+def render_background(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
+    """`(H, W, 3)` float32: a smooth grey field with a faint tint, grey clutter shapes and grain."""
+    width, height = frame_dims(size)
+    dims = np.array([width, height], dtype=np.float64)
     grey = rng.uniform(70, 180, (5, 5, 1))
     tint = rng.normal(0, 8, (5, 5, 3))
     coarse = Image.fromarray(np.clip(grey + tint, 0, 255).astype(np.uint8), "RGB")
-    image = coarse.resize((size, size), Image.Resampling.BICUBIC)
+    image = coarse.resize((width, height), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(4, 9))):
         level = rng.uniform(30, 230) + rng.normal(0, 6, 3)
         fill = tuple(int(v) for v in np.clip(level, 0, 255))
-        side = rng.uniform(0.08, 0.3, 2) * size
-        x0, y0 = rng.uniform(-0.1, 1.0, 2) * size
+        side = rng.uniform(0.08, 0.3, 2) * dims
+        x0, y0 = rng.uniform(-0.1, 1.0, 2) * dims
         box = [x0, y0, x0 + side[0], y0 + side[1]]
         kind = int(rng.integers(3))
         if kind == 0:
@@ -44,23 +46,32 @@ def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
             draw.rectangle(box, fill=fill)
         else:
             draw.line(box, fill=fill, width=int(rng.integers(1, 4)))
-    grain = rng.normal(0, 5, (size, size, 1))
+    grain = rng.normal(0, 5, (height, width, 1))
     return np.asarray(image, dtype=np.float32) + grain.astype(np.float32)
 
 
-def place_object(rng: np.random.Generator, size: int) -> tuple[int, int, int]:
-    """A random square box `(x0, y0, side)` that lies wholly inside the frame."""
-    side = int(round(rng.uniform(*OBJECT_SCALE) * size))
-    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
+def place_object(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple[int, int, int]:
+    """A random square box `(x0, y0, side)` that lies wholly inside the frame (side: of the short side)."""
+    width, height = frame_dims(size)
+    side = int(round(rng.uniform(*OBJECT_SCALE) * min(width, height)))
+    if width == height:
+        x0, y0 = (int(v) for v in rng.integers(0, width - side + 1, 2))
+    else:
+        x0, y0 = (int(v) for v in rng.integers(0, [width - side + 1, height - side + 1]))
     return x0, y0, side
 
 
-def shape_mask(shape: str, size: int, box: tuple[int, int, int]) -> np.ndarray:
-    """`(size, size)` bool: the pixels of `shape` drawn in `box`."""
+def frame_dims(size: int | tuple[int, int]) -> tuple[int, int]:
+    """`(width, height)` of a frame given as one side (square) or as `(width, height)`."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def shape_mask(shape: str, size: int | tuple[int, int], box: tuple[int, int, int]) -> np.ndarray:
+    """`(height, width)` bool: the pixels of `shape` drawn in `box` (`size`: a square's side or `(w, h)`)."""
     x0, y0, side = box
     x1, y1 = x0 + side - 1, y0 + side - 1
     cx, cy, radius = x0 + (side - 1) / 2, y0 + (side - 1) / 2, (side - 1) / 2
-    image = Image.new("L", (size, size), 0)
+    image = Image.new("L", frame_dims(size), 0)
     draw = ImageDraw.Draw(image)
     if shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=255)
@@ -97,14 +108,15 @@ def _polygon(cx: float, cy: float, radii: list[float]) -> list[tuple[float, floa
     ]
 
 
-def texture_shading(texture: str, size: int, box: tuple[int, int, int]) -> np.ndarray:
-    """`(size, size)` float32 brightness factors (1 or :data:`TEXTURE_SHADE`), anchored to the object."""
+def texture_shading(texture: str, size: int | tuple[int, int], box: tuple[int, int, int]) -> np.ndarray:
+    """`(height, width)` float32 brightness factors (1 or :data:`TEXTURE_SHADE`), anchored to the object."""
     x0, y0, side = box
     cell = max(2, side // 8)
-    yy, xx = np.mgrid[0:size, 0:size]
+    width, height = frame_dims(size)
+    yy, xx = np.mgrid[0:height, 0:width]
     u, v = xx - x0, yy - y0
     if texture == "solid":
-        dark = np.zeros((size, size), dtype=bool)
+        dark = np.zeros((height, width), dtype=bool)
     elif texture == "striped":
         dark = ((u + v) // cell) % 2 == 1
     elif texture == "checkered":
@@ -121,7 +133,7 @@ def draw_object(
     background: np.ndarray, synth_class: SynthClass, box: tuple[int, int, int], brightness: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The background with the class object in `box` (float32 `(H, W, 3)`), and the object's mask."""
-    size = background.shape[0]
+    size = (background.shape[1], background.shape[0])
     mask = shape_mask(synth_class.shape, size, box)
     shading = texture_shading(synth_class.texture, size, box)
     colour = np.asarray(synth_class.rgb, dtype=np.float32) * brightness

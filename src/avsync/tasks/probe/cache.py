@@ -6,9 +6,11 @@ float16 `(n, T, W)`, `labels` as the data gave them, the clip keys in the file m
 weights and config, the data source, the split, the token/modality options - so a stale cache is
 never reused: any change gives another directory.
 
-Writes go to a staging directory renamed into place at the end, so an interrupted build leaves no
-half cache behind. Under DDP each rank extracts its own share of the data into the staging directory
-(which must be on a file system all ranks see) and every rank then loads the whole split.
+Extraction is a `Trainer.predict` of a `FeatureExtractor` with a prediction writer (`_CacheWriter`, see
+`tasks/features.py`): under DDP each rank extracts its own share of the data into a staging directory
+(which must be on a file system all ranks see), rank 0 writes the manifest and renames the directory
+into place once every rank is done, and every rank then loads the whole split. An interrupted build
+leaves no half cache behind.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from avsync.tasks.features import FeatureExtractor, FeatureWriter, LoaderSource, predict, predict_trainer
 
 log = logging.getLogger(__name__)
 
@@ -51,53 +57,6 @@ class CachedSplit:
 def cache_key(components: dict) -> str:
     """Hex SHA-256 of the JSON of `components` (sorted keys)."""
     return hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class _PartWriter:
-    """Accumulates extracted batches and writes them as safetensors parts of bounded size."""
-
-    def __init__(self, directory: Path, prefix: str, clips_per_part: int):
-        self.directory, self.prefix, self.clips_per_part = directory, prefix, clips_per_part
-        self.features: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-        self.keys: list[str] = []
-        self.parts = 0
-        self.clips = 0
-        self.label_signature: tuple | None = None
-        self.feature_shape: tuple[int, ...] | None = None
-
-    def add(self, features: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> None:
-        if len(keys) != features.shape[0] or labels.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"batch sizes disagree: {features.shape[0]} feature rows, {labels.shape[0]} labels, "
-                f"{len(keys)} keys"
-            )
-        signature = (labels.dtype, tuple(labels.shape[1:]))
-        if self.label_signature is None:
-            self.label_signature, self.feature_shape = signature, tuple(features.shape[1:])
-        elif signature != self.label_signature or tuple(features.shape[1:]) != self.feature_shape:
-            raise ValueError(
-                f"batches disagree in shape: labels {signature} vs {self.label_signature}, "
-                f"features {tuple(features.shape[1:])} vs {self.feature_shape}"
-            )
-        self.features.append(features.detach().to("cpu", torch.float16))
-        self.labels.append(labels.detach().cpu())
-        self.keys.extend(str(key) for key in keys)
-        self.clips += len(keys)
-        if len(self.keys) >= self.clips_per_part:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.keys:
-            return
-        path = self.directory / f"part-{self.prefix}{self.parts:06d}.safetensors"
-        tensors = {
-            "features": torch.cat(self.features).contiguous(),
-            "labels": torch.cat(self.labels).contiguous(),
-        }
-        save_file(tensors, str(path), metadata={"keys": json.dumps(self.keys)})
-        self.features, self.labels, self.keys = [], [], []
-        self.parts += 1
 
 
 class FeatureCache:
@@ -182,68 +141,29 @@ class FeatureCache:
         self,
         split: str,
         components: dict,
-        batches: Iterable[dict],
+        batches: DataLoader | Callable[[], Iterable[dict]] | Iterable[dict],
         extract: Callable[[dict], torch.Tensor],
-        rank: int = 0,
-        world_size: int = 1,
-        barrier: Callable[[], None] = lambda: None,
-        broadcast: Callable[[object], object] = lambda value: value,
+        *,
+        within: L.Trainer | None = None,
         progress: bool = True,
+        **trainer_options,
     ) -> CachedSplit:
-        """Run `extract` (a batch -> `(B, T, W)` features) over `batches` and store the result.
-
-        With `world_size > 1` every rank calls this with its own share of the data and the same
-        components; `barrier` and `broadcast` are the strategy's collectives."""
-        final = self.directory(split, components)
-        staging = final.with_name(f".{final.name}.{broadcast(uuid.uuid4().hex[:12])}.partial")
-        if rank == 0:
-            staging.mkdir(parents=True, exist_ok=False)
-        barrier()
-        writer = _PartWriter(staging, f"r{rank:03d}-", self.clips_per_part)
-        started = time.perf_counter()
-        try:
-            iterator = batches
-            if progress and rank == 0:
-                from tqdm.auto import tqdm
-
-                iterator = tqdm(  # disable=None: no bar when the output is not a terminal (logs, CI)
-                    batches,
-                    desc=f"probe features, {split} (rank {rank})",
-                    unit="batch",
-                    leave=False,
-                    disable=None,
-                )
-            for batch in iterator:
-                missing = [name for name in ("label", "key") if name not in batch]
-                if missing:
-                    raise ValueError(
-                        f"{split} batches lack {missing}: probing needs labelled clips with keys"
-                    )
-                keys = batch["key"]
-                keys = [keys] if isinstance(keys, str) else list(keys)
-                writer.add(extract(batch), batch["label"], keys)
-            writer.flush()
-            (staging / f"rank-{rank:03d}.json").write_text(
-                json.dumps({"clips": writer.clips, "parts": writer.parts})
-            )
-        except BaseException:
-            if rank == 0:  # rank 0 owns the staging directory
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        barrier()
-        counts = [json.loads((staging / f"rank-{r:03d}.json").read_text()) for r in range(world_size)]
-        barrier()  # every rank has read the counts before rank 0 moves the directory
-        if sum(count["clips"] for count in counts) == 0:  # every rank raises, none waits
-            if rank == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise ValueError(f"the {split} data gave no clips to cache")
-        if rank == 0:
-            self._finish(staging, final, components, counts, time.perf_counter() - started)
-        barrier()
+        """Run `extract` (a batch on the device -> `(B, T, W)` features) over `batches` (a loader, a
+        function making one, or batch dicts with `label` and `key`) as a `Trainer.predict`, and store the
+        result. `within`: the Trainer of a run in progress, whose devices and process group the pass
+        shares (each rank extracts its share; the cache root must be on a file system all ranks see).
+        Without it the pass runs on `trainer_options` (default: one CPU)."""
+        writer = _CacheWriter(self, split, components)
+        extractor = FeatureExtractor(
+            lambda batch: {"features": extract(batch)}, carry=("label",), name=f"the {split} data"
+        )
+        options = {} if within is not None else {"accelerator": "cpu", "devices": 1, **trainer_options}
+        trainer = predict_trainer([writer], within=within, progress=progress, **options)
+        predict(trainer, extractor, LoaderSource(batches))
         cached = self.load(split, components)
         if cached is None:
             raise RuntimeError(
-                f"{final}: the cache was written but cannot be read back "
+                f"{self.directory(split, components)}: the cache was written but cannot be read back "
                 f"(is {self.root} on a file system all ranks share?)"
             )
         return cached
@@ -277,6 +197,48 @@ class FeatureCache:
             shutil.rmtree(final)  # an unusable leftover (another format version, a broken copy)
         os.replace(staging, final)
         log.info("cached %d clips %s in %.1f s: %s", clips, feature_shape, seconds, final)
+
+
+class _CacheWriter(FeatureWriter):
+    """The probe's prediction writer: each rank's parts go to one staging directory (made by rank 0,
+    named with a token all ranks share); rank 0 writes the manifest and moves it into place."""
+
+    def __init__(self, cache: FeatureCache, split: str, components: dict):
+        super().__init__(cache.clips_per_part, float16=("features",))
+        self.cache, self.split, self.components = cache, split, components
+        self.final = cache.directory(split, components)
+        self.staging: Path | None = None
+        self.started = time.perf_counter()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        token = trainer.strategy.broadcast(uuid.uuid4().hex[:12])
+        self.staging = self.final.with_name(f".{self.final.name}.{token}.partial")
+        if self.rank == 0:
+            self.staging.mkdir(parents=True, exist_ok=False)
+        trainer.strategy.barrier()
+        self.started = time.perf_counter()
+
+    def save_part(self, index: int, arrays: dict[str, torch.Tensor], keys: list[str]) -> None:
+        save_file(
+            {"features": arrays["features"], "labels": arrays["label"]},
+            str(self.staging / f"part-r{self.rank:03d}-{index:06d}.safetensors"),
+            metadata={"keys": json.dumps(keys)},
+        )
+
+    def merge(self, reports: list[dict]) -> None:
+        if sum(report["clips"] for report in reports) == 0:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise ValueError(f"the {self.split} data gave no clips to cache")
+        self.cache._finish(
+            self.staging, self.final, self.components, reports, time.perf_counter() - self.started
+        )
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if self.rank == 0 and self.staging is not None:  # rank 0 owns the staging directory
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _drop_duplicates(split: CachedSplit) -> CachedSplit:

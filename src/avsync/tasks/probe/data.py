@@ -23,7 +23,7 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from avsync.data.datamodule import AVShardDataModule
 from avsync.tasks.probe.cache import CachedSplit, FeatureCache
@@ -183,24 +183,6 @@ def source_identity(source: L.LightningDataModule, split: str, source_id: str | 
     }
 
 
-def _rank_share(loader, rank: int, world_size: int):
-    """This rank's share of a source loader for a parallel extraction: a map-style `DataLoader` is
-    rebuilt over indices `rank, rank + W, ...`; other loaders (e.g. `AVShardDataModule`'s shard
-    streams) must split by rank themselves."""
-    if world_size == 1 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    if loader.batch_size is None:
-        raise ValueError("a map-style source loader with a custom batch_sampler cannot be split across ranks")
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=range(rank, len(loader.dataset), world_size),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-
-
 class CachedFeatureDataModule(L.LightningDataModule):
     """Serves cached backbone features of `source`'s clips to a `ProbeModule` (see the module docstring).
 
@@ -299,27 +281,15 @@ class CachedFeatureDataModule(L.LightningDataModule):
                 "the feature cache needs every clip exactly once: set resampled: false on the source"
             )
         self._prepare_source(stage)
-        strategy = self.trainer.strategy
-        device = strategy.root_device
-        precision = self.trainer.precision_plugin
-
-        def extract(batch: dict) -> torch.Tensor:
-            batch = {
-                name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()
-            }
-            with precision.forward_context():
-                return module.extract_features(batch)
-
-        loader = _rank_share(self._source_loader(split), self.trainer.global_rank, self.trainer.world_size)
+        # A prediction pass on this run's devices and process group (tasks/features.py); a map-style
+        # source loader gets Lightning's unrepeated distributed sampler, shard streams split by rank.
         return self.cache.build(
             split,
             components,
-            loader,
-            extract,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
-            barrier=strategy.barrier,
-            broadcast=strategy.broadcast,
+            lambda: self._source_loader(split),
+            module.extract_features,
+            within=self.trainer,
+            progress=self.trainer.progress_bar_callback is not None,
         )
 
     def _source_loader(self, split: str):

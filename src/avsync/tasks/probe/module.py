@@ -19,7 +19,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from avsync.checkpoint_io import CheckpointError
-from avsync.loading import load_backbone
+from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
 from avsync.tasks.pretrain import adam_optimizer, warmup_cosine
 from avsync.tasks.probe.features import FrozenBackbone, ProbeModality, ProbeToken, check_options
@@ -47,7 +47,7 @@ class ProbeModule(L.LightningModule):
 
     Args:
         backbone: a `CAVMAESync` (frozen in place: eval mode, no gradients).
-        backbone_checkpoint: or a checkpoint `avsync.loading.load_backbone` reads (PretrainModule
+        backbone_checkpoint: or a checkpoint `avsync.loading.resolve_backbone` loads (PretrainModule
             checkpoint, avsync safetensors export, the authors' release).
         authors_kwargs: constructor arguments for an authors' checkpoint that its weights cannot reveal.
         modality: `audio`, `video` or `audio_visual` (`[g_a, g_v]` per step, paper Table 10).
@@ -90,14 +90,11 @@ class ProbeModule(L.LightningModule):
         check_options(modality, token)
         if task not in ("multilabel", "multiclass"):
             raise ValueError(f"task must be 'multilabel' or 'multiclass', got {task!r}")
-        if (backbone is None) == (backbone_checkpoint is None):
-            raise ValueError("ProbeModule needs exactly one of backbone or backbone_checkpoint")
         if not 0.0 <= mixup <= 1.0 or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(
                 f"need 0 <= mixup <= 1 and 0 <= label_smoothing < 1, got {mixup}, {label_smoothing}"
             )
-        if backbone is None:
-            backbone = load_backbone(backbone_checkpoint, **(authors_kwargs or {}))
+        backbone = resolve_backbone(backbone, backbone_checkpoint, authors_kwargs)
         if token == "register" and backbone.registers.count == 0:
             raise ValueError("token='register' needs a backbone with register tokens (num_registers > 0)")
         self.frozen = FrozenBackbone(backbone)

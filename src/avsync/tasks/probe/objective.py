@@ -1,6 +1,7 @@
 """What the probe is trained on and scored by, for the two tasks of the paper.
 
-- `multilabel` (AudioSet): binary cross-entropy per class; macro mean average precision.
+- `multilabel` (AudioSet): binary cross-entropy per class; macro mean average precision, computed as
+  CAV-MAE's `calculate_stats` does (below).
 - `multiclass` (VGGSound): cross-entropy; top-1 and top-5 accuracy over clips.
 
 Labels arrive as the data module gives them: multi-hot float `(B, C)` or class indices int64 `(B,)`.
@@ -13,8 +14,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.utilities import dim_zero_cat
 
 ProbeTask = Literal["multilabel", "multiclass"]
 
@@ -83,11 +85,81 @@ def mixup(
     return mixed_features, mixed_targets
 
 
+def average_precisions(scores: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Per-class average precision `(C,)` (float64) of scores `(N, C)` against 0/1 targets `(N, C)`.
+
+    sklearn's `average_precision_score` definition: `sum_k (R_k - R_{k-1}) P_k` over the distinct score
+    values, highest first, so tied scores enter together. Only the order of the scores matters, so raw
+    logits are ranked as they are (a float32 sigmoid would tie every logit above ~16.6). A class
+    without positives scores 0, as current sklearn gives it (with a warning). Classes go `chunk` at a time.
+    """
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(
+            f"scores and targets must both be (N, C); got {tuple(scores.shape)}, {tuple(targets.shape)}"
+        )
+    num, classes = scores.shape
+    result = torch.zeros(classes, dtype=torch.float64)
+    if num == 0:
+        return result
+    position = torch.arange(num, device=scores.device)[:, None]
+    for start in range(0, classes, chunk):
+        s = scores[:, start : start + chunk].double()
+        order = s.argsort(dim=0, descending=True, stable=True)
+        s, t = s.gather(0, order), (targets[:, start : start + chunk] > 0.5).double().gather(0, order)
+        precision = t.cumsum(0) / (position + 1)
+        # each clip takes the precision at the last clip of its run of equal scores
+        last = torch.ones_like(s, dtype=torch.bool)
+        last[:-1] = s[1:] != s[:-1]
+        end = torch.where(last, position, num).flip(0).cummin(0).values.flip(0)
+        positives = t.sum(0)
+        ap = (t * precision.gather(0, end)).sum(0) / positives.clamp_min(1)
+        result[start : start + chunk] = ap.cpu()
+    return result
+
+
+class MeanAveragePrecision(Metric):
+    """Macro mAP as CAV-MAE's `calculate_stats` reports it: the mean over all classes of sklearn's
+    average precision of the raw scores (`average_precisions`), a class without positives counting 0.
+
+    Unlike torchmetrics' `MultilabelAveragePrecision`, nothing is squashed by a sigmoid (which ties
+    large logits in float32, and is applied or not per batch depending on whether its logits lie in
+    [0, 1]). States are flat tensors gathered over ranks with tensor collectives.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        if scores.ndim != 2 or scores.shape[1] != self.num_classes or targets.shape != scores.shape:
+            raise ValueError(
+                f"mAP needs scores and targets of shape (B, {self.num_classes}); got "
+                f"{tuple(scores.shape)} and {tuple(targets.shape)}"
+            )
+        # flat float32 (the probe's logits are float32): a rank without batches then syncs an empty
+        # float32 vector, which torchmetrics gathers with the others
+        self.scores.append(scores.detach().float().flatten())
+        self.targets.append(targets.detach().float().flatten())
+
+    def compute(self) -> torch.Tensor:
+        if isinstance(self.scores, list) and not self.scores:  # (a list before a sync, a tensor after)
+            return torch.tensor(float("nan"))
+        scores = dim_zero_cat(self.scores).reshape(-1, self.num_classes)
+        targets = dim_zero_cat(self.targets).reshape(-1, self.num_classes)
+        return average_precisions(scores, targets).mean().float()
+
+
 def probe_metrics(task: ProbeTask, num_classes: int, prefix: str) -> MetricCollection:
-    """`{prefix}mAP` (macro over classes; a class without positives counts as AP 0, as in the authors'
-    evaluation) or `{prefix}top1` / `{prefix}top5` (share of clips whose class is among the k best)."""
+    """`{prefix}mAP` (`MeanAveragePrecision`: CAV-MAE's definition, on the logits) or `{prefix}top1` /
+    `{prefix}top5` (share of clips whose class is among the k best)."""
     if task == "multilabel":
-        metrics = {"mAP": MultilabelAveragePrecision(num_labels=num_classes, average="macro")}
+        metrics = {"mAP": MeanAveragePrecision(num_classes)}
     else:
         metrics = {"top1": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")}
         if num_classes > 5:
