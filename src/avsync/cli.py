@@ -100,6 +100,7 @@ def avsync_cli_class():
             from lightning.pytorch.callbacks import ModelSummary
 
             from avsync.training.console import SummaryWithoutFlops
+            from avsync.training.logs import keep_history
 
             given = config.get("callbacks")
             given = [] if given is None else given if isinstance(given, list) else [given]
@@ -111,6 +112,7 @@ def avsync_cli_class():
                 self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
             if not off:
                 config["enable_model_summary"] = False  # a ModelSummary is among the callbacks
+            config["logger"] = keep_history(config.get("logger"))  # resumes append to CSV logs
             return super()._instantiate_trainer(config, callbacks)
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:

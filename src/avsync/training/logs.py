@@ -66,3 +66,20 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def keep_history(logger):
+    """`logger` (one, a list, or None/bool as the Trainer takes them) with every plain Lightning
+    `CSVLogger` replaced by avsync's, same folder and settings: `avsync fit` resumes append to a config's
+    CSV log whichever of the two classes it names."""
+    if isinstance(logger, list):
+        return [keep_history(one) for one in logger]
+    if type(logger) is not LightningCSVLogger:
+        return logger
+    return CSVLogger(
+        save_dir=logger.save_dir,
+        name=logger.name,
+        version=logger._version,
+        prefix=logger._prefix,
+        flush_logs_every_n_steps=logger._flush_logs_every_n_steps,
+    )
