@@ -3,6 +3,7 @@ with 128 + the signal number, and `--ckpt_path last` continues from the step aft
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -53,9 +54,9 @@ def test_sigterm_and_sigusr1_save_a_checkpoint_and_exit_cleanly_and_the_run_resu
         assert "Traceback" not in stderr
         stopped_at = read_steps(folder / "steps")[0][-1]["step"]
         last = checkpoints_dir(folder / "runs") / "last.ckpt"
-        assert (
-            f"{signum.name} received: stopped after step {stopped_at}; checkpoint saved to {last}" in stderr
-        )
+        # the signal lands during a step or while the loader fetches the next batch: both stop at once
+        said = rf"{signum.name} received( while fetching the next batch)?: stopped after step {stopped_at}; "
+        assert re.search(said + re.escape(f"checkpoint saved to {last}"), stderr), stderr[-3000:]
         assert torch.load(last, weights_only=True)["global_step"] == stopped_at >= SIGNALLED_AFTER
         command = avsync_command(
             "fit", "--config", str(config), "--ckpt_path", "last", f"--trainer.max_steps={stopped_at + 2}"
