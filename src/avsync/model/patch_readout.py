@@ -59,13 +59,12 @@ def video_patch_features(
     attention = last.attn
     qkv = attention.qkv(last.norm1["video"](sequence))
     query, _, value = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=attention.num_heads)
+    first = backbone.global_tokens.count  # the first patch's position in the sequence
     if readout == "global_readout":
         values = attention.proj(rearrange(value, "b h n d -> b n (h d)"))
-        first = backbone.global_tokens.count
         tokens = sequence[:, :1] + values[:, first:]
         tokens = tokens + last.mlp(last.norm2["video"](tokens))
     else:
-        first = backbone.global_tokens.count
         query, value = query[:, :, first:], value[:, :, first:]
         mixed = attend(query, query, value)
         tokens = attention.proj(rearrange(mixed, "b h n d -> b n (h d)"))
