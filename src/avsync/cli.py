@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import sys
+from pathlib import Path
 
 #: Lightning subcommands, run through LightningCLI (configs in `configs/`).
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -143,6 +144,21 @@ def trainer_defaults() -> dict:
     }
 
 
+def relaunch_argv(program: list[str], argv: list[str]) -> list[str]:
+    """`sys.argv` while LightningCLI runs `argv`. Lightning's launcher for `devices > 1` without torchrun
+    starts each other rank by re-running `sys.argv`, so when this process is the `avsync` command it must
+    read `avsync <argv>`; called from other programs (the demo, tests), only the program's name, so that
+    LightningCLI sees no second command line (those need torchrun or `strategy: ddp_spawn` for many
+    devices)."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    is_avsync = (spec is not None and spec.name == "avsync.cli") or (
+        spec is None and Path(program[0]).name == "avsync"
+    )
+    return [program[0], *argv] if is_avsync else program[:1]
+
+
 def lightning_cli(argv: list[str]):
     """Run LightningCLI on `argv` (`fit --config ...`); model and data are chosen by `class_path`.
 
@@ -154,7 +170,7 @@ def lightning_cli(argv: list[str]):
 
     register_classes()
     program = sys.argv
-    sys.argv = program[:1]  # `argv` is the whole command line; LightningCLI must not see a second one
+    sys.argv = relaunch_argv(program, argv)
     try:
         return avsync_cli_class()(
             subclass_mode_model=True,

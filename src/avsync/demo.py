@@ -125,12 +125,13 @@ class Stopwatch:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def make_data(workdir: Path, clips: int, classes: int, seed: int, workers: int) -> Path:
-    """Synthesize (cached) and prepare the train / test splits (cached); returns the synth directory."""
+def make_data(workdir: Path, clips: int, classes: int, seed: int, workers: int, kind: str = "tones") -> Path:
+    """Synthesize (cached) and prepare the train / test splits (cached); returns the synth directory.
+    `kind`: the synthetic generator (`avsync synth --kind`)."""
     from avsync.data.prepare import PrepareError, prepare
     from avsync.data.synth import synthesize
 
-    synth = synthesize(workdir / "synth", clips, classes, seed=seed, holdout=0.2, workers=workers)
+    synth = synthesize(workdir / "synth", clips, classes, seed=seed, kind=kind, holdout=0.2, workers=workers)
     header, *rows = (synth.out_dir / "labels.csv").read_text().splitlines(keepends=True)
     for split in ("train", "test"):
         listing = workdir / f"{split}.list"
@@ -471,6 +472,7 @@ def run_demo(
     fit_args: list[str] | None = None,
     mae_config: Path | None = None,
     mae_epochs: int | None = None,
+    kind: str = "tones",
 ) -> DemoRun:
     """The demo in `workdir`. `fit_args` go to the audio-visual `avsync fit`; its `--data.*` and
     `--seed_everything` ones also to the image-MAE stage (`mae_config`, `mae_epochs`), whose weights
@@ -480,7 +482,7 @@ def run_demo(
     run = DemoRun(workdir)
     fit_args = list(fit_args or [])
     with Stopwatch(run, "synthesize + prepare"):
-        synth_dir = make_data(workdir, clips, classes, seed, workers)
+        synth_dir = make_data(workdir, clips, classes, seed, workers, kind)
     with Stopwatch(run, "image-MAE stage"):
         shared = [arg for arg in fit_args if arg.startswith(("--data.", "--seed_everything"))]
         mae_checkpoint = pretrain(
@@ -545,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mae-epochs", type=int, default=None, help="image-MAE stage epochs (default: the config's)"
     )
+    parser.add_argument(
+        "--kind",
+        choices=("tones", "speechlike"),
+        default="tones",
+        help="the synthetic set (`avsync synth --kind`; default: %(default)s); one --workdir per kind",
+    )
     parser.add_argument("--probe-epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes for synthesis and preparation")
@@ -569,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         fit_args,
         args.mae_config,
         args.mae_epochs,
+        args.kind,
     )
     print()
     print(run.table())

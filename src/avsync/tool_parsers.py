@@ -46,6 +46,8 @@ AUTHORS_KWARGS_HELP = "JSON of the authors' constructor arguments for their file
 
 #: `avsync prepare`'s default shard size cap (bytes); `avsync.data.prepare` uses this one.
 DEFAULT_SHARD_MAX_BYTES = 512 * 2**20
+#: Clips per task of `avsync prepare --engine dask`; `avsync.data.dask_prepare` uses this one.
+DEFAULT_PARTITION_SIZE = 256
 
 
 def default_workers() -> int:
@@ -237,7 +239,29 @@ def prepare() -> argparse.ArgumentParser:
     )
     parser.add_argument("--classes", help="class index CSV: index,mid,display_name")
     parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="decoding processes (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="decoding processes, or the workers of --scheduler local (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("pool", "dask"),
+        default="pool",
+        help="pool: a process pool on this machine; dask: tasks on a Dask cluster, same output "
+        "(docs/prepare_cluster.md; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="local",
+        help="with --engine dask: 'local' (a cluster of --workers processes here), a scheduler address "
+        "(tcp://host:8786) or scheduler file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--partition-size",
+        type=int,
+        default=None,
+        help=f"with --engine dask: clips per task (default {DEFAULT_PARTITION_SIZE})",
     )
     parser.add_argument(
         "--shard-max-bytes",

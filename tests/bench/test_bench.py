@@ -162,6 +162,21 @@ def test_prepare_throughput_on_the_real_clips_or_a_reason():
         assert result["144p"]["clips_per_s"] > 0 and result["720p"]["clips_per_s"] > 0
 
 
+def test_whole_prepare_runs_are_timed_per_resolution_and_projected_to_audioset(tmp_path):
+    result = data.prepare_throughput(repeats=1, end_to_end=True, seconds=0.2)
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
+    runs, projected = result["end_to_end"], result["projection"]
+    assert runs["360p"]["size"].startswith("640x360") and runs["360p"]["clips"] >= 4
+    for label in ("144p", "360p", "720p"):
+        cpu = runs[label]["cpu_s_per_clip"]
+        assert cpu > 0 and runs[label]["sample_bytes"] > 0
+        assert projected[label]["hours"] == pytest.approx(2_000_000 * cpu / 64 / 3600, abs=0.01)
+    text = render({"command": "test", "generated": "now", "threads": 1, "machine": machine(),
+                   "versions": versions(), "results": {"prepare": result}})  # fmt: skip
+    assert "2,000,000 clips (AudioSet-2M) on one 64-core node" in text
+
+
 def test_the_report_renders_every_section_and_judges_the_targets(tiny_pretrain):
     results = {
         "pretrain": tiny_pretrain,

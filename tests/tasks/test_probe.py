@@ -352,6 +352,60 @@ def test_multilabel_probe_learns_and_reports_the_map_of_its_scores(tmp_path):
     assert reported > chance + 0.3
 
 
+def test_predicted_scores_keep_the_order_of_logits_a_float32_sigmoid_would_tie(tmp_path):
+    module = probe(backbone(), task="multilabel")
+    datamodule = data(tmp_path, ClipSource(task="multilabel"))
+    run = trainer(tmp_path)
+    run.fit(module, datamodule)
+    trained = torch.cat([p["logits"] for p in run.predict(module, datamodule.val_dataloader())])
+    scale = 2.0 / trained.std().item()
+    with torch.no_grad():  # logits around 25 +- 6: float32's sigmoid is exactly 1.0 above ~16.6
+        module.head.classifier.weight.mul_(scale)
+        module.head.classifier.bias.mul_(scale).add_(25.0 - scale * trained.mean().item())
+    predictions = run.predict(module, datamodule.val_dataloader())
+    logits = torch.cat([p["logits"] for p in predictions])
+    scores = torch.cat([p["scores"] for p in predictions])
+    truth = datamodule.splits["val"].labels.numpy()
+    assert scores.dtype == torch.float64 and logits.max() < 36  # below float64's own saturation
+    assert (logits.float().sigmoid() == 1.0).float().mean() > 0.8  # where float32 scores would tie
+    for column in range(logits.shape[1]):
+        assert average_precision_score(truth[:, column], scores[:, column].numpy()) == pytest.approx(
+            average_precision_score(truth[:, column], logits[:, column].numpy()), abs=1e-12
+        )
+
+
+def test_the_recipe_fits_and_tests_on_real_shards_and_reports_the_map_of_its_predictions(tmp_path):
+    from avsync.cli import lightning_cli
+    from avsync.loading import save_backbone
+    from tests.data.conftest import write_shards
+
+    write_shards(tmp_path / "shards", [4, 4], fbank_frames=120, num_classes=3)
+    torch.manual_seed(0)
+    ckpt = save_backbone(CAVMAESync(**{**SMALL, "mel_bins": 128}), tmp_path / "tiny.safetensors")
+    shards = str(tmp_path / "shards")
+    common = [
+        "--config", str(CONFIGS / "tiny_cpu.yaml"),
+        f"--model.init_args.backbone_checkpoint={ckpt}", "--model.init_args.num_classes=3",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=4",
+        f"--data.init_args.source.init_args.train_shards={shards}",
+        f"--data.init_args.source.init_args.val_shards={shards}",
+        f"--data.init_args.source.init_args.test_shards={shards}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    fit = lightning_cli(["fit", *common, "--trainer.max_epochs=3"])
+    assert fit.trainer.current_epoch == 3
+    last = fit.trainer.checkpoint_callback.last_model_path
+    test = lightning_cli(["test", *common, f"--ckpt_path={last}"])
+    reported = test.trainer.callback_metrics["test/mAP"].item()
+
+    module = ProbeModule.load_from_checkpoint(last, weights_only=True)
+    predictions = trainer(tmp_path).predict(module, test.datamodule.test_dataloader())
+    logits = torch.cat([p["logits"] for p in predictions]).numpy()
+    truth = test.datamodule.splits["test"].labels.numpy()
+    assert truth.shape == (8, 3) and truth.sum(axis=1).tolist() == [1] * 8
+    assert reported == pytest.approx(average_precision_score(truth, logits, average="macro"), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def test_features_are_cached_once_and_keyed_by_backbone_data_and_options(tmp_path):
     model = backbone()

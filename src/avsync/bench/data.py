@@ -2,7 +2,11 @@
 
 `prepare`: one clip decoded into its shard sample (what a `prepare` worker process does per clip: PyAV
 decoding of the 16 frames and the audio, JPEG encoding, the Kaldi fbank), on the real 144p and 720p
-clips of `../shared/data/videos` when they are there.
+clips of `../shared/data/videos` when they are there. With `end_to_end`, whole `avsync prepare` runs on
+one core (listing, decoding, shard writing, journal and manifest) over copies of each real clip and of
+the 720p one brought to 360p (the common resolution of downloaded AudioSet and VGGSound clips): clips/s
+and CPU seconds per clip, projected to AudioSet-2M on one 64-core node; with `dask`, the same 360p run
+through `--engine dask` on a one-worker local cluster on that core, for the engine's cost.
 
 `loader`: `AVShardDataModule`'s pipeline on one core, augmentation off, 224 px, ViT-B window length:
 training samples/s (one frame and its window per clip) and evaluation clips/s (all 16 pairs). Shards are
@@ -19,13 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import resource
+import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
+import av
 import numpy as np
 import torch
 import webdataset as wds
@@ -62,8 +71,20 @@ def real_clips_dir() -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ prepare
-def prepare_throughput(repeats: int = 3, videos: str | None = None) -> dict:
-    """Clips/s of one `prepare` worker on one core, per real clip."""
+#: The projection's data set (AudioSet-2M) and node.
+PROJECTED_CLIPS = 2_000_000
+PROJECTED_CORES = 64
+
+
+def prepare_throughput(
+    repeats: int = 3,
+    videos: str | None = None,
+    end_to_end: bool = False,
+    seconds: float = 8.0,
+    dask: bool = False,
+) -> dict:
+    """Clips/s of one `prepare` worker on one core, per real clip; with `end_to_end`, whole runs of about
+    `seconds` each per resolution and the projection to `PROJECTED_CLIPS` (module docstring)."""
     directory = Path(videos) if videos else real_clips_dir()
     if directory is None:
         return {"skipped": "the real clips (../shared/data/videos) are not present"}
@@ -76,10 +97,154 @@ def prepare_throughput(repeats: int = 3, videos: str | None = None) -> dict:
         outcome = process(item, options)
         if outcome.failure is not None:
             raise RuntimeError(f"{name}: {outcome.failure['reason']}")
-        timing = time_runs(lambda item=item: process(item, options), repeats)
-        result[label] = {"clip": name, "clips_per_s": round(1 / timing.median, 2), **timing.as_dict()}
+        before = _cpu_seconds()
+        timing = time_runs(lambda item=item: process(item, options), repeats)  # and one warm-up run
+        cpu = (_cpu_seconds() - before) / (repeats + 1)
+        result[label] = {
+            "clip": name, "clips_per_s": round(1 / timing.median, 2), "cpu_s_per_clip": round(cpu, 4),
+            **timing.as_dict(),
+        }  # fmt: skip
+    if end_to_end:
+        with tempfile.TemporaryDirectory() as scratch:
+            runs = _end_to_end_runs(directory, Path(scratch), repeats, seconds, dask)
+        result["end_to_end"] = runs
+        result["projection"] = _projection(runs)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return result
+
+
+def _end_to_end_runs(videos: Path, scratch: Path, repeats: int, seconds: float, dask: bool) -> dict:
+    """Per resolution: `prepare` (process-pool engine, one worker: in this process, on this core) over
+    copies of one clip, sized to last about `seconds`."""
+    clips = {
+        "144p": videos / REAL_CLIPS["144p"],
+        "360p": transcode(videos / REAL_CLIPS["720p"], scratch / "KlsG1EnBEjc_000361_360p.mp4", 360),
+        "720p": videos / REAL_CLIPS["720p"],
+    }
+    runs: dict = {}
+    for label, clip in clips.items():
+        single = scratch / f"single_{label}"
+        single.mkdir()
+        shutil.copy(clip, single / clip.name)
+        item = WorkItem(discover([single]).sources[0], (), ())
+        process(item, ExtractionOptions())
+        before = _cpu_seconds()
+        process(item, ExtractionOptions())
+        count = min(400, max(4, math.ceil(seconds / (_cpu_seconds() - before))))  # CPU: load-independent
+        inputs = scratch / label
+        inputs.mkdir()
+        for index in range(count):
+            shutil.copy(clip, inputs / f"{clip.stem}_{index:04d}.mp4")
+        measured = [_timed_prepare(inputs, scratch / f"out_{label}_{run}") for run in range(repeats)]
+        wall = sorted(m["wall_s"] for m in measured)[len(measured) // 2]
+        cpu = sorted(m["cpu_s"] for m in measured)[len(measured) // 2]
+        runs[label] = {
+            "clip": clip.name, "size": _video_size(clip), "clip_bytes": clip.stat().st_size, "clips": count,
+            "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "clips_per_s": round(count / wall, 2),
+            "cpu_s_per_clip": round(cpu / count, 4), "sample_bytes": measured[0]["sample_bytes"],
+            "runs_wall_s": [round(m["wall_s"], 3) for m in measured],
+        }  # fmt: skip
+        if dask and label == "360p":
+            runs["dask_360p"] = _dask_run(inputs, scratch, repeats, count)
+            runs["dask_360p"]["vs_pool"] = round(runs["dask_360p"]["wall_s"] / wall, 3)
+    return runs
+
+
+def _timed_prepare(inputs: Path, out: Path, **engine) -> dict:
+    before, started = _cpu_seconds(), time.perf_counter()
+    summary = prepare([inputs], out, workers=1, progress=False, **engine)
+    wall, cpu = time.perf_counter() - started, _cpu_seconds() - before
+    sample_bytes = round(sum(shard.bytes for shard in summary.shards) / summary.clips)
+    shutil.rmtree(out)
+    return {"wall_s": wall, "cpu_s": cpu, "sample_bytes": sample_bytes}
+
+
+def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _dask_run(inputs: Path, scratch: Path, repeats: int, count: int) -> dict:
+    """The same clips through `--engine dask`: a local cluster of one single-threaded worker process,
+    which inherits this process's core, 4 partitions; CPU time of driver and worker together."""
+    from distributed import Client, LocalCluster
+
+    from avsync.data.dask_prepare import quiet_dask_logs
+
+    quiet_dask_logs()
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        ) as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        partition = max(1, math.ceil(count / 4))
+        engine = {"engine": "dask", "scheduler": client, "partition_size": partition}
+        _timed_prepare(inputs, scratch / "dask_warmup", **engine)  # the worker imports torch and PyAV
+        measured = []
+        for run in range(repeats):
+            worker_before = sum(client.run(_cpu_seconds).values())
+            timing = _timed_prepare(inputs, scratch / f"dask_{run}", **engine)
+            timing["cpu_s"] += sum(client.run(_cpu_seconds).values()) - worker_before
+            measured.append(timing)
+    wall = sorted(m["wall_s"] for m in measured)[len(measured) // 2]
+    cpu = sorted(m["cpu_s"] for m in measured)[len(measured) // 2]
+    return {
+        "clips": count, "partition_size": partition, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+        "clips_per_s": round(count / wall, 2), "cpu_s_per_clip": round(cpu / count, 4),
+        "runs_wall_s": [round(m["wall_s"], 3) for m in measured],
+    }  # fmt: skip
+
+
+def _projection(runs: dict) -> dict:
+    """Hours for `PROJECTED_CLIPS` on `PROJECTED_CORES` cores at the measured CPU seconds per clip (the
+    work of independent processes, so it scales with cores), and the shards' size."""
+    projected = {"clips": PROJECTED_CLIPS, "cores": PROJECTED_CORES}
+    for label in ("144p", "360p", "720p"):
+        run = runs[label]
+        cpu = run["cpu_s_per_clip"]
+        projected[label] = {
+            "clips_per_s_per_core": round(1 / cpu, 2),
+            "hours": round(PROJECTED_CLIPS * cpu / PROJECTED_CORES / 3600, 2),
+            "hours_at_measured_wall": round(PROJECTED_CLIPS / run["clips_per_s"] / PROJECTED_CORES / 3600, 2),
+            "shards_tb": round(PROJECTED_CLIPS * run["sample_bytes"] / 1e12, 2),
+        }
+    if "dask_360p" in runs:
+        cpu = runs["dask_360p"]["cpu_s_per_clip"]
+        projected["dask_360p"] = {"hours": round(PROJECTED_CLIPS * cpu / PROJECTED_CORES / 3600, 2)}
+    return projected
+
+
+def _video_size(path: Path) -> str:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return f"{stream.width}x{stream.height}, {float(stream.average_rate):.3g} fps"
+
+
+def transcode(source: Path, target: Path, height: int) -> Path:
+    """`source` with its video scaled to `height` (H.264, libx264 veryfast, CRF 23) and its AAC audio
+    copied: the same content at another resolution."""
+    with av.open(str(source)) as given, av.open(str(target), "w") as output:
+        video_in, audio_in = given.streams.video[0], given.streams.audio[0]
+        width = round(video_in.width * height / video_in.height / 2) * 2
+        video = output.add_stream("libx264", rate=video_in.average_rate)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "veryfast", "crf": "23"}
+        video.time_base = video.codec_context.time_base = video_in.time_base
+        audio = output.add_stream_from_template(audio_in)
+        for packet in given.demux(video_in, audio_in):
+            if packet.dts is None:
+                continue
+            if packet.stream.type == "audio":
+                packet.stream = audio
+                output.mux(packet)
+                continue
+            for frame in packet.decode():
+                image = frame.reformat(width=width, height=height, format="yuv420p")
+                image.pts, image.time_base = frame.pts, frame.time_base
+                output.mux(video.encode(image))
+        output.mux(video.encode())
+    return target
 
 
 # ------------------------------------------------------------------------------------------- shards

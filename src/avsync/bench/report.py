@@ -34,6 +34,18 @@ PROBE_NOTE = (
     "Both are real `Trainer.fit` epochs of `ProbeModule` over the same clips; with the cache the backbone "
     "runs once, in the set-up of the first fit, and every epoch trains the head on features in memory.\n"
 )
+PREPARE_NOTE = (
+    "Each run is a whole `avsync prepare` (process-pool engine, one worker, which then decodes in the "
+    "benchmark's process pinned to one core) over copies of one real clip: listing, decoding, JPEG and "
+    "fbank, shard writing, journal and manifest. The 360p clip is the 720p one scaled by libx264 (CRF 23) "
+    "with its audio copied: the resolution of YouTube's H.264 + AAC MP4 download; which resolutions a "
+    "copy of AudioSet or VGGSound holds depends on how it was downloaded. The projection divides "
+    "clips x CPU seconds per clip by the cores: workers are independent processes that share nothing but "
+    "the file system, so a node's cores add up, given about 1 GB of memory per worker (the peak above) and "
+    "storage that takes the shards' size in writes (and, with `--engine dask`, as much again in part files "
+    "written and read once). Wall time on a loaded machine exceeds CPU time; CPU time is what a dedicated "
+    "core spends. The load average when the benchmark ran is in benchmarks.json.\n"
+)
 DATA_NOTE = (
     "'In process' iterates one worker's pipeline in the benchmark's process on one core (comparable to the "
     "authors' per-sample `__getitem__` timing: 281 training samples/s, 22 eval clips/s); 'before' is the "
@@ -400,11 +412,45 @@ def _prepare_table(p: dict) -> str:
     if "skipped" in p:
         return f"`prepare`: skipped ({p['skipped']}).\n"
     rows = [
-        (label, p[label]["clip"], p[label]["clips_per_s"], p[label]["median_s"]) for label in ("144p", "720p")
+        (label, clip["clip"], clip["clips_per_s"], clip["median_s"], clip.get("cpu_s_per_clip"))
+        for label, clip in ((label, p[label]) for label in ("144p", "720p"))
     ]
-    return f"### `prepare`, one worker on one core (peak memory {p['peak_rss_mib']:,.0f} MiB)\n\n" + _table(
-        ("clip", "file", "clips/s", "s per clip"), rows
+    text = f"### `prepare`, one worker on one core (peak memory {p['peak_rss_mib']:,.0f} MiB)\n\n" + _table(
+        ("clip", "file", "clips/s", "s per clip", "CPU s per clip"), rows
     )
+    if "end_to_end" in p:
+        text += "\n" + _prepare_projection(p["end_to_end"], p["projection"])
+    return text
+
+
+def _prepare_projection(runs: dict, projected: dict) -> str:
+    clips, cores = projected["clips"], projected["cores"]
+    rows = []
+    for label in ("144p", "360p", "720p"):
+        run, estimate = runs[label], projected[label]
+        rows.append((
+            f"{label} ({run['size']}, {run['clip_bytes'] / 1e6:.2f} MB)", run["clips"], run["clips_per_s"],
+            run["cpu_s_per_clip"], estimate["clips_per_s_per_core"], f"{run['sample_bytes'] / 1e3:,.0f} kB",
+            f"**{estimate['hours']:.1f} h**", f"{estimate['shards_tb']:.2f} TB",
+        ))  # fmt: skip
+    header = (
+        "clips (10 s, stereo AAC)", "clips per run", "clips/s (wall)", "CPU s per clip", "clips/s per core",
+        "sample", f"{clips / 1e6:g} M clips on {cores} cores", "shards",
+    )  # fmt: skip
+    text = (
+        f"### `avsync prepare` runs on one core; {clips:,} clips (AudioSet-2M) on one {cores}-core node\n\n"
+        + _table(header, rows)
+    )
+    dask = runs.get("dask_360p")
+    if dask is not None:
+        text += (
+            f"\nThrough `--engine dask` (a local cluster of one worker process on the same core, "
+            f"{dask['partition_size']} clips per partition), the 360p run takes {dask['wall_s']:.2f} s "
+            f"({dask['vs_pool']:.2f}x the pool's wall time) and {dask['cpu_s_per_clip']:.3f} CPU s per clip, "
+            f"driver, scheduler and worker together: {projected['dask_360p']['hours']:.1f} h for "
+            f"{clips / 1e6:g} M clips on {cores} cores.\n"
+        )
+    return text + "\n" + PREPARE_NOTE
 
 
 def _loader_table(r: dict, name: str) -> str:

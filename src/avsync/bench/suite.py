@@ -77,9 +77,9 @@ SUITE: dict[str, Benchmark] = {
     ),
     "prepare": Benchmark(
         "avsync.bench.data:prepare_throughput",
-        full={"repeats": 3},
-        quick={"repeats": 1},
-        description="`prepare`, one worker on one core, per real clip",
+        full={"repeats": 3, "end_to_end": True, "seconds": 8.0, "dask": True},
+        quick={"repeats": 1, "end_to_end": True, "seconds": 1.0},
+        description="`prepare`, one worker on one core, per real clip and whole runs; AudioSet-2M projected",
     ),
     "loader": Benchmark(
         "avsync.bench.data:loader_throughput",

@@ -12,7 +12,8 @@ How a run is made reproducible and resumable:
 3. each finished shard is renamed into place and journaled with how far into the input list it
    reaches; a rerun keeps those shards and continues after them (see `journal.py`);
 4. at the end `failures.jsonl` and `manifest.json` are written (atomically) and the journal removed.
-The output's layout is described in docs/shards.md.
+The output's layout is described in docs/shards.md. `engine="dask"` decodes on a Dask cluster instead of
+the process pool and writes the same files (`dask_prepare.py`, docs/prepare_cluster.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -33,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from avsync.data.clip import ExtractionOptions, extract_video_clip
 from avsync.data.errors import DecodeError
 from avsync.data.journal import Journal, JournalEntry, JournalMismatch
 from avsync.data.labels import ClassList, LabelError, clip_id_for_matching, read_labels_csv
+from avsync.data.parts import PARTS_DIR
 from avsync.data.schema import SCHEMA_VERSION, encode_sample, stable_json
 from avsync.data.shard_writer import ShardRecord, ShardWriter
 from avsync.data.sources import ClipSource, InputError, discover, file_digest, printable
@@ -99,17 +103,24 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     content_hash: bool = False,
+    engine: str = "pool",
+    scheduler=None,
+    partition_size: int | None = None,
 ) -> PrepareSummary:
     """Prepare `inputs` into shards under `output` (resuming a killed run there). See the module doc.
 
-    `shuffle_seed=None` keeps the input order. The fingerprint that tells a finished or resumable run
-    covers each input file's size and modification time, or its SHA-256 with `content_hash` (slower:
-    every input is read once more; then touching a file changes nothing). Raises `PrepareError` for
-    problems with the run as a whole; problems with single inputs end up in `failures.jsonl`.
+    `engine`: "pool" (a process pool of `workers` on this machine) or "dask" (`scheduler`: "local" for
+    a `LocalCluster` of `workers` processes, a scheduler address or file, or a `distributed.Client`;
+    `partition_size` clips per task); both write the same bytes. `shuffle_seed=None` keeps the input
+    order. The fingerprint that tells a finished or resumable run covers each input file's size and
+    modification time, or its SHA-256 with `content_hash` (slower: every input is read once more; then
+    touching a file changes nothing). Raises `PrepareError` for problems with the run as a whole;
+    problems with single inputs end up in `failures.jsonl`.
     """
     if shard_max_bytes is None and shard_max_clips is None:
         raise PrepareError("give a shard cap: shard_max_bytes and/or shard_max_clips")
     options = options or ExtractionOptions()
+    pack = _engine(engine, workers, scheduler, partition_size)
     output = Path(output)
     _check_output(output)
     try:
@@ -127,13 +138,39 @@ def prepare(
     try:
         return _prepare_into(
             output, fingerprint, overwrite, items, listing_failures, discovery, class_list, options,
-            shard_max_bytes, shard_max_clips, shuffle_seed, workers, progress,
+            shard_max_bytes, shard_max_clips, shuffle_seed, pack, progress,
         )  # fmt: skip
     except OSError as error:  # a full disk, a read-only or vanished output directory
         where = printable(str(error.filename)) if error.filename else output
         raise PrepareError(
             f"{where}: {error.strerror or error} (finished shards are kept: rerun the same command to resume)"
         ) from error
+
+
+def _engine(engine: str, workers: int | None, scheduler, partition_size: int | None):
+    """The packing function of `engine`, with `_pack`'s signature less `workers`."""
+    if partition_size is not None and partition_size < 1:
+        raise PrepareError(f"partition_size must be at least 1, not {partition_size}")
+    if engine == "pool":
+        if scheduler not in (None, "local") or partition_size is not None:
+            raise PrepareError(
+                "a scheduler and a partition size are settings of the dask engine (--engine dask)"
+            )
+        return partial(_pack, workers=workers)
+    if engine != "dask":
+        raise PrepareError(f"unknown engine {engine!r}: 'pool' or 'dask'")
+    from avsync.data import dask_prepare
+
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise PrepareError(
+            "--engine dask needs Dask's distributed scheduler: pip install 'avsync[cluster]'"
+        ) from None
+    size = partition_size or dask_prepare.DEFAULT_PARTITION_SIZE
+    return partial(
+        dask_prepare.pack, scheduler=scheduler, workers=workers or default_workers(), partition_size=size
+    )
 
 
 def _prepare_into(
@@ -148,7 +185,7 @@ def _prepare_into(
     shard_max_bytes: int | None,
     shard_max_clips: int | None,
     shuffle_seed: int | None,
-    workers: int | None,
+    pack,
     progress: bool,
 ) -> PrepareSummary:
     entries = _open_output(output, fingerprint, overwrite)
@@ -159,16 +196,15 @@ def _prepare_into(
         counts = manifest["counts"]
         return PrepareSummary(output, counts["clips"], counts["failures"], shards, len(shards))
     journal = Journal(output, fingerprint)
-    shards, failures = _pack(
+    shards, failures = pack(
         items,
         entries,
         journal,
         options,
         shard_max_bytes,
         shard_max_clips,
-        workers,
-        progress,
-        len(listing_failures),
+        progress=progress,
+        failed_before=len(listing_failures),
     )
     all_failures = listing_failures + failures
     _write_atomically(output / FAILURES_NAME, b"".join(stable_json(f) + b"\n" for f in all_failures))
@@ -196,6 +232,7 @@ def _prepare_into(
     }
     _write_atomically(output / MANIFEST_NAME, stable_json(manifest, indent=2) + b"\n")
     journal.remove()
+    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)  # left by a Dask run that this one resumed
     return PrepareSummary(output, manifest["counts"]["clips"], len(all_failures), shards, len(entries))
 
 
@@ -206,9 +243,9 @@ def _pack(
     options: ExtractionOptions,
     max_bytes: int | None,
     max_clips: int | None,
-    workers: int | None,
     progress: bool,
     failed_before: int,
+    workers: int | None = None,
 ) -> tuple[list[ShardRecord], list[dict]]:
     """Decode the items after the journaled `entries` and pack them into shards, in order.
 
@@ -462,6 +499,7 @@ def _clear(output: Path, journal: Journal) -> None:
         if _SHARD_FILE.match(path.name) or path.name in (MANIFEST_NAME, FAILURES_NAME):
             path.unlink()
     journal.remove()
+    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
 
 
 def _finish(
@@ -599,6 +637,10 @@ def _read_json(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.engine == "dask":
+        from avsync.data.dask_prepare import quiet_dask_logs
+
+        quiet_dask_logs()
     options = replace(
         ExtractionOptions(),
         num_frames=args.num_frames,
@@ -624,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             content_hash=args.content_hash,
+            engine=args.engine,
+            scheduler=args.scheduler,
+            partition_size=args.partition_size,
         )
     except PrepareError as error:
         print(f"avsync prepare: error: {error}", file=sys.stderr)

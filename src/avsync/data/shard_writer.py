@@ -41,6 +41,25 @@ def _final_size(member_bytes: int) -> int:
     return -(-(member_bytes + _END_OF_ARCHIVE) // _RECORD) * _RECORD
 
 
+def fits(
+    clips: int, member_bytes: int, sample_bytes: int, max_bytes: int | None, max_clips: int | None
+) -> bool:
+    """Whether a sample of `sample_bytes` (`sample_tar_bytes`) may join a shard that holds `clips` samples
+    of `member_bytes`: the packing rule, shared by `ShardWriter` and the planner of the Dask engine."""
+    if clips == 0:
+        return True
+    if max_clips is not None and clips >= max_clips:
+        return False
+    if max_bytes is not None:
+        return _final_size(member_bytes + sample_bytes) <= max_bytes
+    return True
+
+
+def tar_writer(file) -> wds.TarWriter:
+    """A `TarWriter` on the open binary `file` with the pinned member metadata of shards."""
+    return wds.TarWriter(file, encoder=False, mtime=0, user="avsync", group="avsync", mode=0o444)
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     name: str
@@ -64,19 +83,11 @@ class ShardWriter:
         self.clips = 0
         self.member_bytes = 0
         self._file = open(self.temporary, "wb")
-        self._tar = wds.TarWriter(
-            self._file, encoder=False, mtime=0, user="avsync", group="avsync", mode=0o444
-        )
+        self._tar = tar_writer(self._file)
 
     def fits(self, sample: dict[str, bytes | str]) -> bool:
         """Whether `sample` may join this shard without breaking a cap (always true when empty)."""
-        if self.clips == 0:
-            return True
-        if self.max_clips is not None and self.clips >= self.max_clips:
-            return False
-        if self.max_bytes is not None:
-            return _final_size(self.member_bytes + sample_tar_bytes(sample)) <= self.max_bytes
-        return True
+        return fits(self.clips, self.member_bytes, sample_tar_bytes(sample), self.max_bytes, self.max_clips)
 
     def write(self, sample: dict[str, bytes | str]) -> None:
         self._tar.write(sample)

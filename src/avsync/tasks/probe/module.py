@@ -203,10 +203,12 @@ class ProbeModule(L.LightningModule):
         self._evaluate(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """`{"key", "scores"}`: class probabilities (sigmoid for multilabel, softmax for multiclass)."""
-        logits = self(batch).float()
+        """`{"key", "logits", "scores"}`: scores are class probabilities (sigmoid for multilabel, softmax
+        for multiclass) in float64, where a float32 sigmoid would tie every logit above ~16.6 at 1.0;
+        rank by `logits` (as the metrics do) to keep even float64's ties (above ~36.7) apart."""
+        logits = self(batch).double()
         scores = logits.sigmoid() if self.hparams.task == "multilabel" else logits.softmax(dim=-1)
-        return {"key": batch.get("key"), "scores": scores}
+        return {"key": batch.get("key"), "logits": logits, "scores": scores}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
