@@ -29,6 +29,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     ),
     "embed": ("avsync.api:embed_main", "videos -> per-time-step embeddings (npz or parquet)"),
     "export": ("avsync.api:export_main", "a checkpoint -> backbone weights + config as safetensors"),
+    "index": ("avsync.search.commands:main", "build / search a FAISS index of embedded clips"),
     "demo": ("avsync.demo:main", "synthesize, prepare, pretrain and evaluate the tiny model on CPU"),
     "config": ("avsync.recipes:main", "print a shipped recipe (`avsync config --list` names them)"),
 }
@@ -196,6 +197,7 @@ LIGHT_PARSERS: dict[str, str] = {
     "synth": "avsync.tool_parsers:synth",
     "embed": "avsync.tool_parsers:embed",
     "export": "avsync.tool_parsers:export",
+    "index": "avsync.tool_parsers:index",
     "config": "avsync.tool_parsers:config",
 }
 

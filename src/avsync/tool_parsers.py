@@ -476,3 +476,93 @@ def config() -> argparse.ArgumentParser:
     parser.add_argument("name", nargs="?", help="recipe name, e.g. pretrain/tiny_cpu (see --list)")
     parser.add_argument("--list", action="store_true", help="list the recipe names and exit")
     return parser
+
+
+#: `avsync.search.compressed.CompressedSettings`'s defaults and `avsync.search.index.KINDS`, spelled out
+#: so that building the parser imports neither FAISS nor torch (a test keeps them equal).
+INDEX_KINDS = ("compressed", "exact")
+INDEX_DEFAULTS = dict(pca_dim=1024, base_dim=512, train_clips=8192, candidates=2000)
+
+
+def index() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avsync index",
+        description="Build an index of embedded clips and search it (FAISS; docs/search.md): an audio query "
+        "searches the video tokens, a video query the audio tokens, by diagonal-mean similarity.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{build,search}")
+    build = actions.add_parser(
+        "build",
+        help="index an `avsync embed` output",
+        description="Index an `avsync embed` output (an --shards directory or an npz file; or any npz with "
+        "`audio`/`video` (N, T, D) and `keys` or `ids`) into a directory.",
+    )
+    add = build.add_argument
+    add("source", metavar="EMBEDDINGS", type=Path, help="`avsync embed` output: --shards directory or .npz")
+    add("--out", required=True, type=Path, help="index directory to write")
+    add(
+        "--kind",
+        choices=INDEX_KINDS,
+        default="compressed",
+        help="compressed: PCA + 4-bit scan + 8-bit re-scoring, about 1.1 KB per clip and modality; exact: "
+        "every vector in float32 (T x D x 4 bytes per clip and modality) (default: %(default)s)",
+    )
+    add("--modalities", nargs="+", choices=("audio", "video"), help="gallery modalities (default: all)")
+    add(
+        "--pca-dim",
+        type=int,
+        default=INDEX_DEFAULTS["pca_dim"],
+        help="compressed: PCA dimensions (default: %(default)s)",
+    )
+    add(
+        "--base-dim",
+        type=int,
+        default=INDEX_DEFAULTS["base_dim"],
+        help="compressed: PCA dimensions of the 4-bit scan (default: %(default)s)",
+    )
+    add(
+        "--train-clips",
+        type=int,
+        default=INDEX_DEFAULTS["train_clips"],
+        help="compressed: clips the PCA and quantizers learn from (default: %(default)s)",
+    )
+    add(
+        "--candidates",
+        type=int,
+        default=INDEX_DEFAULTS["candidates"],
+        help="compressed: default scan candidates per query, re-scored in 8 bits (default: %(default)s)",
+    )
+    add("--chunk-clips", type=int, default=8192, help="clips read at a time (default: %(default)s)")
+    add("--overwrite", action="store_true", help="replace an index already in --out")
+    add("--quiet", action="store_true", help="no progress lines")
+    search = actions.add_parser(
+        "search",
+        help="the best matches of a clip id, audio file or video file",
+        description="The top-k gallery clips for one query: a clip of the index, an audio file or a video "
+        "file (files are embedded with the checkpoint the gallery was embedded with, or --ckpt).",
+    )
+    add = search.add_argument
+    add("index", metavar="INDEX", type=Path, help="index directory (`avsync index build --out`)")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--clip", metavar="ID", help="a clip id of the index")
+    query.add_argument("--audio", metavar="FILE", type=Path, help="a sound file (any container with audio)")
+    query.add_argument("--video", metavar="FILE", type=Path, help="a video file")
+    add(
+        "--modality",
+        choices=("audio", "video"),
+        help="which tokens of the query to search with: audio searches the video gallery, video the audio "
+        "gallery (default: audio for --audio, video for --video and --clip)",
+    )
+    add("--top-k", type=int, default=10, help="results (default: %(default)s)")
+    add("--candidates", type=int, help="compressed: scan candidates per query (default: the index's)")
+    add(
+        "--rerank",
+        type=int,
+        default=0,
+        help="compressed: re-score the best N exactly from the embeddings the index was built from, so that "
+        "the order and scores are the exact diagonal mean (default: 0, off)",
+    )
+    add("--ckpt", help="model for file queries (default: the checkpoint recorded in the index)")
+    add("--device", default="auto", help="for file queries: cuda, cpu or auto (default: %(default)s)")
+    add("--json", action="store_true", help="print the results as JSON")
+    return parser

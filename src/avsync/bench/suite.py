@@ -69,6 +69,12 @@ SUITE: dict[str, Benchmark] = {
         quick={"subset_clips": 2000},
         description="the gallery at 16 x 768 tokens: measured on a subset, projected to 100,000 clips",
     ),
+    "index": Benchmark(
+        "avsync.bench.index:index_benchmark",
+        full={"num_clips": 1_000_000, "exact_clips": 20_000, "queries": 100},
+        quick={"num_clips": 30_000, "exact_clips": 10_000, "queries": 50},
+        description="`avsync index`: exact and compressed, 1,000,000 clustered synthetic clips x 16 x 768",
+    ),
     "probe": Benchmark(
         "avsync.bench.probe:probing_epochs",
         full={"clips": 8, "cached_epochs": 5},
@@ -127,6 +133,30 @@ def _full_gallery(results: dict, name: str, scale: float = 1.0) -> float | None:
     return _get(results, "gallery", name) * scale
 
 
+def _index(results: dict, *path) -> float | None:
+    """A value of the index benchmark, only when it ran at the target's 1,000,000 clips."""
+    if _get(results, "index", "clips") != 1_000_000:
+        return None
+    return _get(results, "index", *path)
+
+
+def _index_bytes_gib(results: dict) -> float | None:
+    sizes = _index(results, "compressed", "bytes")
+    return None if sizes is None else sum(sizes.values()) / 2**30
+
+
+def _index_default(results: dict, name: str, *path) -> float | None:
+    """The worse direction's `path` at the compressed index's default candidate count."""
+    directions = _index(results, "compressed", "directions")
+    candidates = _index(results, "compressed", "settings", "candidates")
+    if not directions:
+        return None
+    values = [_get(d, "by_candidates", str(candidates), *path) for d in directions.values()]
+    if None in values:
+        return None
+    return max(values) if name == "max" else min(values)
+
+
 TARGETS: list[Target] = [
     Target(
         "ViT-B step, fp32, CPU", ">= 1.6 samples/s",
@@ -172,5 +202,21 @@ TARGETS: list[Target] = [
     Target(
         "100,000-clip gallery, 16 x 768 tokens, float32 tokens alone", "< 4 GB",
         lambda r: _get(r, "gallery_768", "projected_float32_tokens_gib"), lambda v: v < FOUR_GB_IN_GIB, "GiB",
+    ),
+    Target(
+        "index of 1,000,000 clips x 16 x 768, compressed, both modalities (issue 15)", "< 4 GiB",
+        _index_bytes_gib, lambda v: v < 4, "GiB",
+    ),
+    Target(
+        "index query, 1,000,000 clips, compressed, median, worse direction (issue 15)", "< 50 ms",
+        lambda r: _index_default(r, "max", "latency", "median_ms"), lambda v: v < 50, "ms",
+    ),
+    Target(
+        "index recall@10 vs exact, 1,000,000 clips, compressed, worse direction (issue 15)", ">= 0.95",
+        lambda r: _index_default(r, "min", "recall_at_10"), lambda v: v >= 0.95,
+    ),
+    Target(
+        "the same with the exact re-ranking of the best 100 (issue 15)", ">= 0.95",
+        lambda r: _index_default(r, "min", "with_exact_rerank", "recall_at_10"), lambda v: v >= 0.95,
     ),
 ]  # fmt: skip
