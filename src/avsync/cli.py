@@ -167,6 +167,7 @@ def lightning_cli(argv: list[str]):
     exit (`avsync.training`); a config's own `trainer.plugins` replace the default checkpoint writer.
     """
     from avsync.checkpoint_io import CheckpointError
+    from avsync.data.member_paths import UnsafeNameError
     from avsync.recipes import resolve_config_args
 
     register_classes()
@@ -180,11 +181,27 @@ def lightning_cli(argv: list[str]):
             save_config_kwargs={"overwrite": True},
             trainer_defaults=trainer_defaults(),
         )
-    except CheckpointError as error:  # a bad --ckpt_path: one line, as the tools print it
-        print(f"avsync {argv[0]}: error: {error}", file=sys.stderr)
+    except Exception as error:  # a bad --ckpt_path, backbone_checkpoint or shard manifest: one line
+        cause = _input_error_behind(error, (CheckpointError, UnsafeNameError))
+        if cause is None:
+            raise
+        print(f"avsync {argv[0]}: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         sys.argv = program
+
+
+def _input_error_behind(error: BaseException, kinds: tuple[type[Exception], ...]) -> BaseException | None:
+    """`error` itself or the error of `kinds` it was raised from: jsonargparse reports a module that
+    could not be built (its `backbone_checkpoint` unreadable) as a ValueError about Union subtypes whose
+    cause is the module's own error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 #: The tools' argparse parsers, in a module that imports no torch (`tool -> module:fn`); `demo` builds its
@@ -218,8 +235,9 @@ def _is_input_error(error: BaseException) -> bool:
     only when something failed, so that a tool's start does not pay for importing torch here."""
     from avsync.checkpoint_io import CheckpointError
     from avsync.data.errors import DecodeError
+    from avsync.data.member_paths import UnsafeNameError
 
-    return isinstance(error, (CheckpointError, DecodeError))
+    return isinstance(error, (CheckpointError, DecodeError, UnsafeNameError))
 
 
 def usage() -> str:

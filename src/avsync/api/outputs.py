@@ -28,6 +28,7 @@ import torch
 
 from avsync import __version__
 from avsync.api.model import EmbeddingRun
+from avsync.data.member_paths import member_path
 from avsync.tasks.features import FeatureWriter, atomic_write_text
 
 OutputFormat = Literal["npz", "parquet"]
@@ -182,7 +183,12 @@ def written_parts(directory: str | Path, settings: dict | None = None) -> dict[s
                 "give another --out, or delete it"
             )
         if path.name != SHARD_MANIFEST:
-            parts.update(index["parts"])
+            listed = index.get("parts")
+            if not isinstance(listed, dict):
+                raise ValueError(f"{path}: unreadable index (its `parts` is not a name -> clip ids map)")
+            for name, keys in listed.items():
+                member_path(directory, name, path)  # a plain file in this folder, or refused
+                parts[name] = keys
     for path in sorted(directory.glob("embeddings-rank*-*.npz")):
         if path.name not in parts and _PART_PATTERN.fullmatch(path.name):
             parts[path.name] = _part_keys(path)

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from avsync.data.member_paths import member_path
 from avsync.data.shard_writer import ShardRecord
 
 JOURNAL_NAME = "prepare.journal.jsonl"
@@ -66,9 +67,9 @@ class Journal:
                 break
             try:
                 entry = JournalEntry.from_json(line)
+                shard = member_path(self.path.parent, entry.shard.name, self.path)
             except (KeyError, TypeError, ValueError):  # damaged: the shards from here on are made again
                 break
-            shard = self.path.parent / entry.shard.name
             if not shard.is_file() or shard.stat().st_size != entry.shard.bytes:
                 break
             entries.append(entry)

@@ -74,7 +74,8 @@ def open_media(path: str | Path) -> av.container.InputContainer:
     check_readable(path)
     with _ffmpeg_log_captured() as logs:
         try:
-            return av.open(str(path), mode="r")
+            # an absolute path: ffmpeg reads a leading `name:` as a protocol (`concat:`, `http:`, ...)
+            return av.open(os.path.abspath(path), mode="r")
         except av.FFmpegError as error:
             detail = error.strerror or str(error)
             errors = [message.strip() for level, _, message in logs if level <= av.logging.ERROR]

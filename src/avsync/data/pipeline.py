@@ -33,6 +33,7 @@ from pathlib import Path
 import torch.utils.data
 import webdataset as wds
 
+from avsync.data.member_paths import member_path
 from avsync.data.samples import ClipDecoder, collate
 from avsync.data.tar_stream import tarfile_to_samples
 
@@ -74,8 +75,9 @@ def _resolve_one(spec: str) -> ShardSet:
             if not urls:
                 raise FileNotFoundError(f"{path}: neither a manifest.json nor .tar shards")
             return ShardSet(urls)
-        shards = manifest["shards"]
-        return ShardSet([str(path / s["name"]) for s in shards], manifest, [int(s["clips"]) for s in shards])
+        names, counts = _manifest_shards(manifest, path / "manifest.json")
+        urls = [str(member_path(path, name, path / "manifest.json")) for name in names]
+        return ShardSet(urls, manifest, counts)
     if "{" in spec:
         urls = wds.shardlists.expand_urls(spec)
     elif any(char in spec for char in "*?["):
@@ -87,7 +89,8 @@ def _resolve_one(spec: str) -> ShardSet:
     manifest = _read_manifest(Path(urls[0]).parent) if os.path.exists(urls[0]) else None
     counts = None
     if manifest is not None:
-        by_name = {s["name"]: int(s["clips"]) for s in manifest["shards"]}
+        names, clips = _manifest_shards(manifest, Path(urls[0]).parent / "manifest.json")
+        by_name = dict(zip(names, clips, strict=True))
         if all(Path(u).name in by_name for u in urls):
             counts = [by_name[Path(u).name] for u in urls]
     return ShardSet(urls, manifest, counts)
@@ -97,7 +100,29 @@ def _read_manifest(directory: Path) -> dict | None:
     manifest = directory / "manifest.json"
     if not manifest.is_file():
         return None
-    return json.loads(manifest.read_text(encoding="utf-8"))
+    try:
+        value = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{manifest}: unreadable shard manifest ({type(error).__name__}: {error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{manifest}: not a shard manifest (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
+def _manifest_shards(manifest: dict, where: Path) -> tuple[list[str], list[int]]:
+    """The shard names and clip counts a manifest lists, checked to be what `avsync prepare` writes;
+    a name is checked further (a plain file in the manifest's folder) by `member_path`."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise ValueError(f"{where}: its `shards` is not a list of {{name, clips}} entries")
+    names, counts = [], []
+    for entry in shards:
+        clips = entry.get("clips")
+        if not isinstance(clips, int) or isinstance(clips, bool) or clips < 0:
+            raise ValueError(f"{where}: shard {entry.get('name')!r} has clips={clips!r}, not a count")
+        names.append(entry.get("name"))
+        counts.append(clips)
+    return names, counts
 
 
 class SplitByRank:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avsync.data.member_paths import UnsafeNameError, member_path
+
 MODALITIES = ("audio", "video")
 MANIFEST = "manifest.json"
 
@@ -143,11 +145,15 @@ class Gallery:
             raise GalleryError(f"{manifest_path}: unreadable embed manifest ({error})") from None
         if not names:
             raise GalleryError(f"{directory}: its manifest lists no embedding parts")
-        missing = [name for name in names if not (directory / name).is_file()]
+        try:
+            paths = [member_path(directory, name, manifest_path) for name in names]
+        except UnsafeNameError as error:
+            raise GalleryError(str(error)) from None
+        missing = [path.name for path in paths if not path.is_file()]
         if missing:
             raise GalleryError(f"{directory}: parts listed in {MANIFEST} are missing: {missing[:5]}")
         metadata = {**manifest, **manifest.get("settings", {})}
-        return cls._from_files([directory / name for name in names], metadata, kind="embed --shards")
+        return cls._from_files(paths, metadata, kind="embed --shards")
 
     @classmethod
     def _from_files(cls, paths: list[Path], metadata: dict, kind: str) -> Gallery:

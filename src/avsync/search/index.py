@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from avsync.data.member_paths import UnsafeNameError, member_path
 from avsync.search.compressed import (
     MIN_CLIPS,
     CompressedSettings,
@@ -291,7 +292,10 @@ class SearchIndex:
                     f"{self.directory}: holds no {modality} gallery (built for {self.modalities}); a "
                     f"{_query_of(modality)} query searches the {modality} tokens"
                 )
-            path = self.directory / self.facts["files"][modality]
+            try:
+                path = member_path(self.directory, self.facts["files"][modality], self.directory / INDEX_JSON)
+            except UnsafeNameError as error:
+                raise SearchError(str(error)) from None
             if not path.is_file():
                 raise SearchError(f"{path}: missing (the index directory is incomplete; rebuild it)")
             faiss = _faiss()

@@ -48,6 +48,7 @@ from avsync.data.clip import ExtractionOptions, check_duration, extract_video_cl
 from avsync.data.errors import DecodeError
 from avsync.data.fbank import log_mel_fbank
 from avsync.data.media import open_media, probe
+from avsync.data.member_paths import inside_path
 from avsync.data.transforms import AUDIO_MEAN, AUDIO_STD, CenterFrame, frames_to_tensor
 from avsync.data.video import sample_frames
 
@@ -155,7 +156,7 @@ def _manifest_row(
     def existing(column: str) -> Path:
         if not value(column):
             raise ValueError(f"empty {column} column")
-        file = root / value(column)
+        file = inside_path(root, value(column), where)
         if not file.is_file():
             raise ValueError(f"{column} file {file} does not exist")
         return file
@@ -199,7 +200,10 @@ def synth_prompt_set(synth_dir: str | Path, split: str | None = "test") -> Promp
             ClipPrompts(
                 clip,
                 manifest.video(clip),
-                tuple(manifest.out_dir / mask for mask in frames["masks"]),
+                tuple(
+                    inside_path(manifest.out_dir, mask, manifest.annotation_file(clip))
+                    for mask in frames["masks"]
+                ),
                 tuple(int(k) for k in frames["class_indices"]),
             )
         )

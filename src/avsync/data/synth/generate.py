@@ -77,8 +77,11 @@ class SynthManifest:
     def video(self, clip: str) -> Path:
         return video_path(self.out_dir, clip)
 
+    def annotation_file(self, clip: str) -> Path:
+        return annotation_path(self.out_dir, clip)
+
     def annotation(self, clip: str) -> dict[str, Any]:
-        return json.loads(annotation_path(self.out_dir, clip).read_text())
+        return json.loads(self.annotation_file(clip).read_text())
 
     def to_json(self) -> dict[str, Any]:
         split_of = {clip: split for split, ids in self.splits.items() for clip in ids}

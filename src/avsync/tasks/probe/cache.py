@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from avsync.data.member_paths import member_path
 from avsync.tasks.features import FeatureExtractor, FeatureWriter, LoaderSource, predict, predict_trainer
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,8 @@ class FeatureCache:
         keys: list[str] = []
         row = 0
         for name in manifest["parts"]:
-            path = directory / name
             try:
+                path = member_path(directory, name, directory / MANIFEST)
                 with safe_open(str(path), framework="pt") as handle:
                     part_keys = json.loads(handle.metadata()["keys"])
                     part_features, part_labels = handle.get_tensor("features"), handle.get_tensor("labels")
