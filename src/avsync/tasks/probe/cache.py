@@ -102,8 +102,8 @@ class FeatureCache:
         keys: list[str] = []
         row = 0
         for name in manifest["parts"]:
+            path = member_path(directory, name, directory / MANIFEST)  # refused: a name, not a file
             try:
-                path = member_path(directory, name, directory / MANIFEST)
                 with safe_open(str(path), framework="pt") as handle:
                     part_keys = json.loads(handle.metadata()["keys"])
                     part_features, part_labels = handle.get_tensor("features"), handle.get_tensor("labels")
