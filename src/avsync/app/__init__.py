@@ -1,0 +1,1 @@
+"""`avsync app`: the model's alignment in a browser (Gradio, the optional extra `avsync[app]`)."""
