@@ -32,6 +32,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "index": ("avsync.search.commands:main", "build / search a FAISS index of embedded clips"),
     "demo": ("avsync.demo:main", "synthesize, prepare, pretrain and evaluate the tiny model on CPU"),
     "config": ("avsync.recipes:main", "print a shipped recipe (`avsync config --list` names them)"),
+    "app": ("avsync.app.ui:main", "a web page: where the sound is, what happens when, clips alike"),
 }
 
 
@@ -71,7 +72,9 @@ def avsync_cli_class():
     `AtomicCheckpointIO`, which is also told what the file must hold for this run.
     """
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+    from avsync.config_checks import ConfigError, check_trainer
     from avsync.training import AtomicCheckpointIO
 
     class AVSyncCLI(LightningCLI):
@@ -115,7 +118,15 @@ def avsync_cli_class():
             if not off:
                 config["enable_model_summary"] = False  # a ModelSummary is among the callbacks
             config["logger"] = keep_history(config.get("logger"))  # resumes append to CSV logs
-            return super()._instantiate_trainer(config, callbacks)
+            try:
+                return super()._instantiate_trainer(config, callbacks)
+            except MisconfigurationException as error:  # Lightning's refusal of an option: one line
+                raise ConfigError(f"trainer: {error}") from None
+
+        def before_instantiate_classes(self) -> None:
+            """Trainer options no run can use are refused before the model is built."""
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            check_trainer(config.get("trainer"))
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -167,7 +178,9 @@ def lightning_cli(argv: list[str]):
     exit (`avsync.training`); a config's own `trainer.plugins` replace the default checkpoint writer.
     """
     from avsync.checkpoint_io import CheckpointError
+    from avsync.config_checks import ConfigError
     from avsync.data.member_paths import UnsafeNameError
+    from avsync.output_paths import OutputError
     from avsync.recipes import resolve_config_args
 
     register_classes()
@@ -181,8 +194,8 @@ def lightning_cli(argv: list[str]):
             save_config_kwargs={"overwrite": True},
             trainer_defaults=trainer_defaults(),
         )
-    except Exception as error:  # a bad --ckpt_path, backbone_checkpoint or shard manifest: one line
-        cause = _input_error_behind(error, (CheckpointError, UnsafeNameError))
+    except Exception as error:  # a bad --ckpt_path, backbone_checkpoint, shard manifest or setting: one line
+        cause = _input_error_behind(error, (CheckpointError, UnsafeNameError, ConfigError, OutputError))
         if cause is None:
             raise
         print(f"avsync {argv[0]}: error: {cause}", file=sys.stderr)
@@ -216,6 +229,7 @@ LIGHT_PARSERS: dict[str, str] = {
     "export": "avsync.tool_parsers:export",
     "index": "avsync.tool_parsers:index",
     "config": "avsync.tool_parsers:config",
+    "app": "avsync.tool_parsers:app",
 }
 
 
@@ -234,10 +248,12 @@ def _is_input_error(error: BaseException) -> bool:
     """Bad user input (an unreadable checkpoint or video): reported in one line. The classes are looked up
     only when something failed, so that a tool's start does not pay for importing torch here."""
     from avsync.checkpoint_io import CheckpointError
+    from avsync.config_checks import ConfigError
     from avsync.data.errors import DecodeError
     from avsync.data.member_paths import UnsafeNameError
+    from avsync.output_paths import OutputError
 
-    return isinstance(error, (CheckpointError, DecodeError, UnsafeNameError))
+    return isinstance(error, (CheckpointError, ConfigError, DecodeError, UnsafeNameError, OutputError))
 
 
 def usage() -> str:

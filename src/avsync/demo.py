@@ -41,6 +41,13 @@ DEFAULT_RECIPE = "pretrain/tiny_cpu"  # shipped with the package (`avsync.recipe
 #: Stage 0: the image MAE whose weights start the audio-visual run (the paper starts from ImageNet MAE).
 DEFAULT_MAE_RECIPE = "pretrain/tiny_cpu_mae"
 MAE_RUN_NAME = "image_mae"
+#: What the demo writes at the top of its work folder (with the synthetic set's staging folders).
+WORKDIR_ENTRIES = frozenset(
+    {
+        *("synth", ".synth.synth-partial", ".synth.synth-old", "train", "test", "runs", "cache", "figures"),
+        *("train.list", "train.labels.csv", "test.list", "test.labels.csv", "results.json"),
+    }
+)
 
 
 @dataclass
@@ -125,6 +132,25 @@ class Stopwatch:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def check_workdir(workdir: Path) -> None:
+    """Refuse, before any work, a work folder that is a file or that holds what the demo did not write:
+    it writes `train.list`, `results.json`, ... there and replaces its own runs of other settings, so a
+    folder is taken only when new, empty, an earlier demo's (`synth/synth.json`), or holding nothing
+    but the demo's entries (a demo killed early)."""
+    from avsync.output_paths import OutputError, check_output_folder
+
+    check_output_folder(workdir, "--workdir")
+    if not workdir.is_dir() or (workdir / "synth" / "synth.json").is_file():
+        return
+    others = sorted(entry.name for entry in workdir.iterdir() if entry.name not in WORKDIR_ENTRIES)
+    if others:
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputError(
+            f"--workdir {workdir}: holds files that are not the demo's ({listed}); the demo writes "
+            "train.list, results.json, runs/ ... there: give a new or empty folder"
+        )
+
+
 def make_data(workdir: Path, clips: int, classes: int, seed: int, workers: int, kind: str = "tones") -> Path:
     """Synthesize (cached) and prepare the train / test splits (cached); returns the synth directory.
     `kind`: the synthetic generator (`avsync synth --kind`)."""
@@ -478,6 +504,7 @@ def run_demo(
     `--seed_everything` ones also to the image-MAE stage (`mae_config`, `mae_epochs`), whose weights
     start the audio-visual run through `init_from`, as ImageNet-MAE weights start the paper's."""
     workdir = workdir.resolve()
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = DemoRun(workdir)
     fit_args = list(fit_args or [])
@@ -563,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
         args.mae_config = Path(mae) if Path(mae).is_file() else find_recipe(mae)
     except ValueError as error:
         parser.error(str(error))
+    from avsync.output_paths import OutputError
+
+    try:
+        check_workdir(args.workdir.resolve())  # before anything is imported or written
+    except OutputError as error:
+        print(f"avsync demo: error: {error}", file=sys.stderr)
+        return 2
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     run = run_demo(

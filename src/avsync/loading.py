@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from avsync.checkpoint_io import CheckpointError, check_backed_by_data, read_weights
+from avsync.checkpoint_io import CheckpointError, check_backed_by_data, check_finite, read_weights
 from avsync.model import CAVMAESync
 from avsync.model.interop import load_authors_checkpoint, strip_prefix
 
@@ -76,7 +76,7 @@ def build_backbone(config: object, state: dict[str, torch.Tensor], source: str, 
     every key and shape must match; otherwise (the authors' layouts, converted and checked key by key
     afterwards) the model may not be much larger than what the file holds (`_SLACK`: room for a few
     wrong shapes, which the conversion then lists). A tiny file declaring a huge model is refused, not
-    allocated.
+    allocated; weights holding NaN or infinity are refused too (`check_finite`).
     """
     config = _check_config(config, state, source)
     check_backed_by_data(state, source)
@@ -105,6 +105,7 @@ def build_backbone(config: object, state: dict[str, torch.Tensor], source: str, 
             raise CheckpointError(
                 f"{source}: the weights' shapes declare a model of {declared} values, the file holds {held}"
             )
+    check_finite(state, source)
     return CAVMAESync(**config)
 
 
@@ -136,6 +137,10 @@ def _read_metadata_config(path: Path, source: str) -> object:
     except ValueError as error:
         raise CheckpointError(
             f"{source}: the backbone config in its metadata is not JSON ({error})"
+        ) from None
+    except RecursionError:  # `[[[[...` thousands deep: no config nests more than a few levels
+        raise CheckpointError(
+            f"{source}: the backbone config in its metadata is nested too deeply to be a config"
         ) from None
 
 

@@ -68,8 +68,9 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 def _resolve(value: str) -> str:
-    if Path(value).exists() or value.lstrip().startswith(("{", "[")) or "\n" in value:
-        return value  # a file, or a config given inline
+    # inline first: a JSON config longer than a file name makes `Path.exists` raise ENAMETOOLONG
+    if value.lstrip().startswith(("{", "[")) or "\n" in value or Path(value).exists():
+        return value  # a config given inline, or a file
     return str(find_recipe(value))
 
 

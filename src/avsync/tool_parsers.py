@@ -11,7 +11,10 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+
+from avsync.config_checks import describe_count, describe_range, in_range, is_count
 
 #: `avsync.evaluation.similarity.STRATEGIES` and `avsync.evaluation.retrieval.DIRECTIONS`, spelled out
 #: here so that building the parser imports no torch (a test keeps them equal).
@@ -62,7 +65,70 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 1GB, 200000000)")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    try:
+        size = float(number) * base ** " KMGT".index(unit.upper() or " ")
+    except ValueError:  # "1.2.3"
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 1GB, 200000000)") from None
+    if not 1 <= size < 2**63:  # "0", "1e400" (an OverflowError, which argparse would not catch)
+        raise argparse.ArgumentTypeError(f"must be a finite size of at least 1 byte, got {text!r}")
+    return int(size)
+
+
+def count(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an integer from `minimum` to `maximum` (None: unbounded). Anything else is a
+    usage error naming the flag (exit 2) before the tool does any work, not a failure deep in it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not is_count(value, minimum, maximum):
+            raise argparse.ArgumentTypeError(f"must be {describe_count(minimum, maximum)}, got {value}")
+        return value
+
+    return parse
+
+
+def number(
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse `type`: a finite number between the bounds (each closed unless `*_open`), as `count`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not in_range(value, low, high, low_open, high_open):
+            words = describe_range(low, high, low_open, high_open)
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+
+    return parse
+
+
+class ToolParser(argparse.ArgumentParser):
+    """An ArgumentParser that also checks relations between options: `require(test, message)` adds one,
+    reported as a usage error when `test(args)` is False."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relations: list[tuple[Callable[[argparse.Namespace], bool], str]] = []
+
+    def require(self, test: Callable[[argparse.Namespace], bool], message: str) -> None:
+        self.relations.append((test, message))
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        for test, message in self.relations:
+            if not test(parsed):
+                self.error(message)
+        return parsed, extras
+
+
+def _durations_in_order(args: argparse.Namespace) -> bool:
+    return args.min_duration <= args.max_duration
 
 
 def retrieve() -> argparse.ArgumentParser:
@@ -82,9 +148,9 @@ def retrieve() -> argparse.ArgumentParser:
     parser.add_argument(
         "--directions", nargs="+", default=list(RETRIEVAL_DIRECTIONS), choices=RETRIEVAL_DIRECTIONS
     )
-    parser.add_argument("--top-k", type=int, default=0, help="also save each query's top-k targets")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--top-k", type=count(0), default=0, help="also save each query's top-k targets")
+    parser.add_argument("--batch-size", type=count(1), default=8, help="clips per batch")
+    parser.add_argument("--workers", type=count(0), default=2)
     parser.add_argument(
         "--alignment",
         choices=["clip", "authors"],
@@ -132,7 +198,7 @@ def localize() -> argparse.ArgumentParser:
     add("--classes", type=Path, help="known class names (text, one per line; or a CSV); others are refused")
     add(
         "--audio-start",
-        type=float,
+        type=number(0),
         help="seconds into each prompt sound where its window starts (default: centred)",
     )
     add(
@@ -159,9 +225,9 @@ def localize() -> argparse.ArgumentParser:
         default="dataset",
         help="min-max over all maps (DenseAV's protocol) or per map (default: %(default)s)",
     )
-    add("--overlays", type=int, default=16, help="overlay pictures to write (default: %(default)s)")
-    add("--batch-size", type=int, default=4, help="sources per batch (a synthetic clip is 16 prompts)")
-    add("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    add("--overlays", type=count(0), default=16, help="overlay pictures to write (default: %(default)s)")
+    add("--batch-size", type=count(1), default=4, help="sources per batch (a synthetic clip is 16 prompts)")
+    add("--workers", type=count(0), default=2, help="DataLoader worker processes (default: %(default)s)")
     add(
         "--alignment", choices=("clip", "authors"), default="clip", help="frame-to-window alignment (SPEC §1)"
     )
@@ -186,14 +252,14 @@ def segment() -> argparse.ArgumentParser:
     add("--out", required=True, type=Path, help="output folder: one PNG per video and segments.json")
     add(
         "--segments",
-        type=int,
+        type=count(1),
         default=None,
         help="segments per video (default: from --annotations when they give a clip's count, else chosen "
         "per clip by the silhouette score over 2..--max-segments; the choice is reported)",
     )
     add(
         "--max-segments",
-        type=int,
+        type=count(2),
         default=8,
         help="largest count the automatic choice considers (default: %(default)s)",
     )
@@ -205,13 +271,18 @@ def segment() -> argparse.ArgumentParser:
     )
     add("--linkage", choices=("ward", "complete", "average", "single"), default="ward")
     add("--contiguous", action="store_true", help="only merge neighbouring frames (segments are runs)")
-    add("--tolerance", type=int, default=1, help="boundary match tolerance in frames (default: %(default)s)")
+    add(
+        "--tolerance",
+        type=count(0),
+        default=1,
+        help="boundary match tolerance in frames (default: %(default)s)",
+    )
     add(
         "--alignment", choices=("clip", "authors"), default="clip", help="frame-to-window alignment (SPEC §1)"
     )
     add(
         "--max-duration",
-        type=float,
+        type=number(0, low_open=True),
         default=60.0,
         help="longest accepted video in seconds (default: %(default)s)",
     )
@@ -221,7 +292,7 @@ def segment() -> argparse.ArgumentParser:
 
 def prepare() -> argparse.ArgumentParser:
     defaults = argparse.Namespace(**EXTRACTION_DEFAULTS)
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="avsync prepare",
         description="Decode videos (or convert a CAV-MAE datafile) into WebDataset shards for avsync "
         "(layout: docs/shards.md). Rerunning the same command resumes a killed run.",
@@ -240,7 +311,7 @@ def prepare() -> argparse.ArgumentParser:
     parser.add_argument("--classes", help="class index CSV: index,mid,display_name")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=count(0),
         default=default_workers(),
         help="decoding processes, or the workers of --scheduler local (default: %(default)s)",
     )
@@ -259,7 +330,7 @@ def prepare() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--partition-size",
-        type=int,
+        type=count(1),
         default=None,
         help=f"with --engine dask: clips per task (default {DEFAULT_PARTITION_SIZE})",
     )
@@ -270,19 +341,22 @@ def prepare() -> argparse.ArgumentParser:
         help="shard size cap (default 512MiB)",
     )
     parser.add_argument(
-        "--shard-max-clips", type=int, default=None, help="clips per shard cap (default: none)"
+        "--shard-max-clips", type=count(1), default=None, help="clips per shard cap (default: none)"
     )
     parser.add_argument(
-        "--num-frames", type=int, default=defaults.num_frames, help="frames per clip (default: %(default)s)"
+        "--num-frames",
+        type=count(1),
+        default=defaults.num_frames,
+        help="frames per clip (default: %(default)s)",
     )
     parser.add_argument(
         "--short-side",
-        type=int,
+        type=count(1),
         default=defaults.short_side,
         help="max short side of stored frames (default: %(default)s)",
     )
     parser.add_argument(
-        "--jpeg-quality", type=int, default=defaults.jpeg_quality, help="default: %(default)s"
+        "--jpeg-quality", type=count(1, 100), default=defaults.jpeg_quality, help="default: %(default)s"
     )
     parser.add_argument(
         "--mono",
@@ -291,14 +365,21 @@ def prepare() -> argparse.ArgumentParser:
         help="channel mixdown (default: %(default)s)",
     )
     parser.add_argument(
-        "--min-duration", type=float, default=defaults.min_duration, help="seconds (default: %(default)s)"
+        "--min-duration",
+        type=number(0, low_open=True),
+        default=defaults.min_duration,
+        help="seconds (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-duration", type=float, default=defaults.max_duration, help="seconds (default: %(default)s)"
+        "--max-duration",
+        type=number(0, low_open=True),
+        default=defaults.max_duration,
+        help="seconds (default: %(default)s)",
     )
+    parser.require(_durations_in_order, "--min-duration must not exceed --max-duration")
     parser.add_argument(
         "--max-av-mismatch",
-        type=float,
+        type=number(0),
         default=defaults.max_av_mismatch,
         help="max audio/video duration difference, s (default: %(default)s)",
     )
@@ -333,7 +414,12 @@ def synth() -> argparse.ArgumentParser:
         description="Write a synthetic audio-visual set: H.264 + AAC mp4s, labels, events and masks.",
     )
     add = parser.add_argument
-    add("out", type=Path, metavar="OUT", help="output folder (replaced if it holds another synthetic set)")
+    add(
+        "out",
+        type=Path,
+        metavar="OUT",
+        help="output folder (a synthetic set already there is replaced; other files there are kept)",
+    )
     add("--clips", type=int, required=True, help="number of clips")
     add("--classes", type=int, required=True, help="number of classes (1-32)")
     add("--seed", type=int, default=0, help="same seed and parameters, same set (default: %(default)s)")
@@ -344,7 +430,12 @@ def synth() -> argparse.ArgumentParser:
         help="tones: the demo's set; speechlike: syllables over noise, moving objects, a distractor, "
         "busy frames (default: %(default)s)",
     )
-    add("--duration", type=float, default=10.0, help="clip length in seconds (default: %(default)s)")
+    add(
+        "--duration",
+        type=number(0, low_open=True),
+        default=10.0,
+        help="clip length in seconds (default: %(default)s)",
+    )
     add(
         "--fps",
         type=str,
@@ -384,15 +475,20 @@ def synth() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="events per clip (default: 2 4)",
     )
-    add("--min-event", type=float, default=1.5, help="shortest event in seconds (default: %(default)s)")
-    add("--workers", type=int, default=None, help="processes (default: every CPU this process may use)")
+    add(
+        "--min-event",
+        type=number(0, low_open=True),
+        default=1.5,
+        help="shortest event in seconds (default: %(default)s)",
+    )
+    add("--workers", type=count(0), default=None, help="processes (default: every CPU this process may use)")
     add("--force", action="store_true", help="regenerate even if OUT already holds this set")
     return parser
 
 
 def embed() -> argparse.ArgumentParser:
     defaults = argparse.Namespace(**EXTRACTION_DEFAULTS)
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="avsync embed",
         description="Per-time-step audio and video embeddings of video files (layouts: docs/embedding.md). "
         "Videos that cannot be read are reported and skipped.",
@@ -406,17 +502,22 @@ def embed() -> argparse.ArgumentParser:
         help="embed prepared shards (a directory with manifest.json, a glob or brace pattern) instead of "
         "videos, as a Trainer.predict on --devices x --num-nodes; a rerun skips clips already written",
     )
-    add("--devices", type=int, default=1, help="with --shards: devices per node (default: %(default)s)")
-    add("--num-nodes", type=int, default=1, help="with --shards: nodes (default: %(default)s)")
-    add("--clips-per-part", type=int, default=4096, help="with --shards: clips per part file")
+    add("--devices", type=count(1), default=1, help="with --shards: devices per node (default: %(default)s)")
+    add("--num-nodes", type=count(1), default=1, help="with --shards: nodes (default: %(default)s)")
+    add("--clips-per-part", type=count(1), default=4096, help="with --shards: clips per part file")
     add(
         "--format",
         choices=EMBED_OUTPUT_FORMATS,
         help="output format (default: from the --out suffix, else npz)",
     )
     add("--patches", action="store_true", help="also write the patch tokens (large: T x N x D per clip)")
-    add("--batch-size", type=int, default=8, help="clips per forward pass (default: %(default)s)")
-    add("--workers", type=int, default=default_workers(), help="decoding processes (default: %(default)s)")
+    add("--batch-size", type=count(1), default=8, help="clips per forward pass (default: %(default)s)")
+    add(
+        "--workers",
+        type=count(0),
+        default=default_workers(),
+        help="decoding processes (default: %(default)s)",
+    )
     add("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: %(default)s)")
     add("--precision", choices=EMBED_PRECISIONS, help="default: bf16 autocast on a GPU, fp32 on the CPU")
     add(
@@ -427,12 +528,14 @@ def embed() -> argparse.ArgumentParser:
     add("--authors-kwargs", type=json.loads, default={}, help=AUTHORS_KWARGS_HELP)
     add(
         "--num-frames",
-        type=int,
+        type=count(1),
         default=defaults.num_frames,
         help="frame/window pairs per clip (default: %(default)s)",
     )
-    add("--min-duration", type=float, default=defaults.min_duration, help="seconds (default: %(default)s)")
-    add("--max-duration", type=float, default=defaults.max_duration, help="seconds (default: %(default)s)")
+    seconds = number(0, low_open=True)
+    add("--min-duration", type=seconds, default=defaults.min_duration, help="seconds (default: %(default)s)")
+    add("--max-duration", type=seconds, default=defaults.max_duration, help="seconds (default: %(default)s)")
+    parser.require(_durations_in_order, "--min-duration must not exceed --max-duration")
     add(
         "--allow-silent",
         action="store_true",
@@ -510,29 +613,29 @@ def index() -> argparse.ArgumentParser:
     add("--modalities", nargs="+", choices=("audio", "video"), help="gallery modalities (default: all)")
     add(
         "--pca-dim",
-        type=int,
+        type=count(1),
         default=INDEX_DEFAULTS["pca_dim"],
         help="compressed: PCA dimensions (default: %(default)s)",
     )
     add(
         "--base-dim",
-        type=int,
+        type=count(1),
         default=INDEX_DEFAULTS["base_dim"],
         help="compressed: PCA dimensions of the 4-bit scan (default: %(default)s)",
     )
     add(
         "--train-clips",
-        type=int,
+        type=count(1),
         default=INDEX_DEFAULTS["train_clips"],
         help="compressed: clips the PCA and quantizers learn from (default: %(default)s)",
     )
     add(
         "--candidates",
-        type=int,
+        type=count(1),
         default=INDEX_DEFAULTS["candidates"],
         help="compressed: default scan candidates per query, re-scored in 8 bits (default: %(default)s)",
     )
-    add("--chunk-clips", type=int, default=8192, help="clips read at a time (default: %(default)s)")
+    add("--chunk-clips", type=count(1), default=8192, help="clips read at a time (default: %(default)s)")
     add("--overwrite", action="store_true", help="replace an index already in --out")
     add("--quiet", action="store_true", help="no progress lines")
     search = actions.add_parser(
@@ -553,11 +656,11 @@ def index() -> argparse.ArgumentParser:
         help="which tokens of the query to search with: audio searches the video gallery, video the audio "
         "gallery (default: audio for --audio, video for --video and --clip)",
     )
-    add("--top-k", type=int, default=10, help="results (default: %(default)s)")
-    add("--candidates", type=int, help="compressed: scan candidates per query (default: the index's)")
+    add("--top-k", type=count(1), default=10, help="results (default: %(default)s)")
+    add("--candidates", type=count(1), help="compressed: scan candidates per query (default: the index's)")
     add(
         "--rerank",
-        type=int,
+        type=count(0),
         default=0,
         help="compressed: re-score the best N exactly from the embeddings the index was built from, so that "
         "the order and scores are the exact diagonal mean (default: 0, off)",
@@ -565,4 +668,33 @@ def index() -> argparse.ArgumentParser:
     add("--ckpt", help="model for file queries (default: the checkpoint recorded in the index)")
     add("--device", default="auto", help="for file queries: cuda, cpu or auto (default: %(default)s)")
     add("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def app() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avsync app",
+        description="A web page (Gradio, `pip install 'avsync[app]'`) that shows where the sound is in a "
+        "clip frame by frame, its audio-visual events, and the clips of an index that sound alike.",
+    )
+    add = parser.add_argument
+    add("--ckpt", required=True, help="avsync checkpoint (.ckpt / .safetensors) or the authors' one")
+    add("--index", help="an `avsync index build` directory for the search tab (made with the same model)")
+    add("--videos", help="folder holding the index's clips as ID.mp4 (or .mkv, .webm ...) for previews")
+    add("--examples", help="example clips offered in the page: a folder of videos or a list file")
+    add("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    add("--port", type=count(1, 65535), default=7860, help="port (default: %(default)s)")
+    add("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    add(
+        "--max-seconds",
+        type=number(2.0, 3600.0),
+        default=20.0,
+        help="longer clips are cut to their first this many seconds (default: %(default)s)",
+    )
+    add(
+        "--max-upload-mib",
+        type=count(1, 100_000),
+        default=200,
+        help="largest upload in MiB (default: %(default)s)",
+    )
     return parser

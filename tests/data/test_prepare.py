@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -419,3 +420,73 @@ def test_label_files_are_checked_line_by_line(tmp_path):
     classes.write_bytes(b'index,mid,display_name\n0,/m/dog,Dog\n1,/m/cat,"Cat\n')
     with pytest.raises(LabelError, match=r"classes.csv:3: "):
         ClassList.from_csv(classes)
+
+
+def write_cavmae_dataset(root: Path, frames: dict[str, int], seconds: float = 3.0) -> Path:
+    """A CAV-MAE-style datafile (issue 20, item 9): per clip `frames` JPEGs at `frames/frame_{i}/ID.jpg`
+    as CAV-MAE's extractor lays them out, a 16-kHz wav, and `{"data": [...]}` naming both."""
+    entries = []
+    for clip_id, count in frames.items():
+        for i in range(count):
+            folder = root / "frames" / f"frame_{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((24, 32, 3), 12 * i, np.uint8)).save(folder / f"{clip_id}.jpg")
+        wav = root / "audio" / f"{clip_id}.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        tone = 0.2 * np.sin(2 * np.pi * 440 * np.arange(int(16000 * seconds)) / 16000)
+        with wave.open(str(wav), "wb") as handle:
+            handle.setnchannels(1), handle.setsampwidth(2), handle.setframerate(16000)
+            handle.writeframes((tone * 32767).astype(np.int16).tobytes())
+        entries.append(
+            {"video_id": clip_id, "wav": str(wav), "video_path": str(root / "frames"), "labels": "/m/09x0r"}
+        )
+    datafile = root / "eval.json"
+    datafile.write_text(json.dumps({"data": entries}))
+    return datafile
+
+
+def test_a_datafile_of_ten_frame_clips_stops_at_once_with_what_to_do(tmp_path, capsys, shared):
+    """CAV-MAE's extractor writes frame_0..frame_9: prepare (16 frames) says so at the start, in one line,
+    and exits 2 having decoded nothing, instead of skipping every clip one by one and exiting 1."""
+    from avsync.cli import main as avsync
+
+    datafile = write_cavmae_dataset(tmp_path, {f"clip{n}": 10 for n in range(3)})
+    out = tmp_path / "out"
+    classes = shared("data", "class_labels_indices_audioset.csv")
+    args = ["--classes", str(classes), "--workers", "1", "--no-progress"]
+    started = time.monotonic()
+    code = avsync(["prepare", str(datafile), str(out), *args])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and time.monotonic() - started < 30
+    assert len(error) == 1 and "Traceback" not in error[0], error
+    message = error[0]
+    assert message.startswith(f"avsync prepare: error: {datafile}: none of its 3 clips has frame_15")
+    assert "10 frames per clip (frame_0..frame_9, as CAV-MAE's extract_video_frame.py writes them)" in message
+    assert "nothing was prepared" in message and "Prepare from the videos instead" in message
+    assert not out.exists()  # no shard, manifest or failures file to pass for a (slow) result
+
+    # What is there converts as it is: 10 frames at the nominal i * D / 10, when asked for 10.
+    code = avsync(["prepare", str(datafile), str(out), *args, "--num-frames", "10"])
+    assert code == 0
+    samples = read_shards(out)
+    assert sorted(samples) == ["clip0", "clip1", "clip2"]
+    metadata = json.loads(samples["clip1"]["json"])
+    assert metadata["num_frames"] == 10
+    assert metadata["frame_times"] == pytest.approx([0.3 * i for i in range(10)])
+    assert samples["clip1"]["f09.jpg"] == (tmp_path / "frames" / "frame_9" / "clip1.jpg").read_bytes()
+
+
+def test_a_datafile_where_only_some_clips_lack_frames_is_prepared_without_them(tmp_path, caplog, shared):
+    datafile = write_cavmae_dataset(tmp_path, {"full": 16, "short": 10})
+    with caplog.at_level(logging.WARNING, logger="avsync.data.cavmae"):
+        summary = prepare(
+            [datafile],
+            tmp_path / "out",
+            classes=shared("data", "class_labels_indices_audioset.csv"),
+            workers=1,
+            progress=False,
+        )
+    assert "1 of 2 datafile clips lack frame_15" in caplog.text
+    assert summary.clips == 1 and sorted(read_shards(tmp_path / "out")) == ["full"]
+    (failure,) = read_failures(tmp_path / "out")
+    assert failure["clip_id"] == "short" and "frame_10/short.jpg: no such file" in failure["reason"]

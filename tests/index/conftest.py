@@ -55,3 +55,15 @@ def real_embeddings(tmp_path_factory, small_model, real_clips) -> Path:
     argv = [*map(str, real_clips), "--ckpt", str(small_model), "--out", str(out), "--device", "cpu"]
     assert embed_main([*argv, "--workers", "0", "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_index(tmp_path_factory, real_embeddings) -> Path:
+    """An exact index (`avsync index build`) of `real_embeddings`: two clips, 16 x 32 tokens."""
+    from avsync.cli import main
+
+    out = tmp_path_factory.mktemp("clip_index") / "index"
+    assert (
+        main(["index", "build", str(real_embeddings), "--out", str(out), "--kind", "exact", "--quiet"]) == 0
+    )
+    return out

@@ -149,7 +149,9 @@ def test_unusable_inputs_are_refused_with_the_file_and_the_problem(exact_index, 
     bad = dict(clustered)
     bad["video"] = clustered["video"].copy()
     bad["video"][5, 2] = 0
-    with pytest.raises(ValueError, match=r"1 clip\(s\) have NaN/inf or all-zero tokens \(rows \[5\]\)"):
+    with pytest.raises(
+        SearchError, match=r"1 clip\(s\) have NaN/inf or all-zero tokens \(clips \['clip0005'\]\)"
+    ):
         build_index(Gallery.from_arrays(bad["ids"], video=bad["video"]), tmp_path / "zero", kind="exact")
     (tmp_path / "notes.npz").write_text("not an archive")
     with pytest.raises(GalleryError, match="notes.npz: not an npz file"):

@@ -143,3 +143,84 @@ def test_positional_tables_must_be_the_fixed_ones(fixture):
     state["pos_embed_a"] = state["pos_embed_a"] + 0.1
     with pytest.raises(CheckpointError, match="pos_embed_a"):
         CAVMAESync.from_authors_checkpoint(state, **fixture["config"])
+
+
+def test_learned_positional_tables_load_with_the_authors_tr_pos(fixture, released):
+    state = dict(fixture["state_dict"])
+    generator = torch.Generator().manual_seed(0)
+    state["pos_embed_a"] = state["pos_embed_a"] + torch.randn(state["pos_embed_a"].shape, generator=generator)
+    with pytest.raises(CheckpointError, match=r"pos_embed_a.*pass tr_pos=True"):
+        CAVMAESync.from_authors_checkpoint(state, **fixture["config"])
+    model = CAVMAESync.from_authors_checkpoint(state, **fixture["config"], tr_pos=True).eval()
+    assert torch.equal(model.state_dict()["audio_tokenizer.pos_embed"], state["pos_embed_a"])
+    assert model.config["learned_positions"] and "learned_positions" not in released.config
+    shifted = features(model, fixture)["feat_global_a"]
+    assert relative_error(shifted, features(released, fixture)["feat_global_a"]) > 1e-3  # the table is used
+
+
+# ------------------------------------------------------------------------------ the authors' classifier
+@pytest.fixture(scope="module")
+def probe_fixture() -> dict:
+    """`cavmae_sync_probe_tiny.pt`: the authors' `CAVMAEFT` (self_attention_cls head) on 2 clips."""
+    return torch.load(shared_path("reference", "cavmae_sync_probe_tiny.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def classifier(probe_fixture):
+    from avsync.model.interop import load_authors_classifier
+
+    return load_authors_classifier(probe_fixture["state_dict"], **probe_fixture["config"])
+
+
+def probe_features(classifier, fixture: dict, layer: str) -> torch.Tensor:
+    from avsync.tasks.probe.features import FrozenBackbone
+
+    clips = fixture["clips"]
+    audio = fixture["audio"].reshape(clips, -1, *fixture["audio"].shape[1:])
+    video = fixture["video"].float().reshape(clips, -1, *fixture["video"].shape[1:])
+    return FrozenBackbone(classifier.backbone).tokens(audio, video, "audio_visual", "global", layer)
+
+
+def test_the_probe_reads_the_authors_features_and_reproduces_their_logits(classifier, probe_fixture):
+    from avsync.tasks.probe.head import ProbeHead
+
+    features = probe_features(classifier, probe_fixture, "encoder")
+    assert features.shape == probe_fixture["features"].shape
+    assert relative_error(features, probe_fixture["features"]) < TOLERANCE
+    head = ProbeHead(**classifier.head_config).eval()
+    head.load_state_dict(classifier.head_state)
+    with torch.no_grad():
+        logits = head(features)
+    assert relative_error(logits, probe_fixture["logits"]) < TOLERANCE
+    # after the joint layer and its LayerNorm (avsync's earlier probe features) they are other numbers
+    assert relative_error(probe_features(classifier, probe_fixture, "joint"), probe_fixture["features"]) > 0.1
+
+
+def test_the_probe_module_defaults_to_the_authors_features(classifier, probe_fixture):
+    from avsync.tasks.probe import ProbeModule
+
+    module = ProbeModule(backbone=classifier.backbone, num_classes=5)
+    assert module.hparams.layer == "encoder"
+    module.head.load_state_dict(classifier.head_state)
+    clips = probe_fixture["clips"]
+    batch = {
+        "audio": probe_fixture["audio"].reshape(clips, -1, *probe_fixture["audio"].shape[1:]),
+        "video": probe_fixture["video"].float().reshape(clips, -1, *probe_fixture["video"].shape[1:]),
+    }
+    with torch.no_grad():
+        logits = module.eval()(batch)
+    assert relative_error(logits, probe_fixture["logits"]) < TOLERANCE
+
+
+def test_other_classifier_heads_and_modes_are_refused_by_name(probe_fixture):
+    from avsync.model.interop import load_authors_classifier
+
+    state, config = probe_fixture["state_dict"], probe_fixture["config"]
+    with pytest.raises(CheckpointError, match="mode='audioonly' is not supported"):
+        load_authors_classifier(state, **{**config, "mode": "audioonly"})
+    with pytest.raises(CheckpointError, match="only that head is supported"):
+        load_authors_classifier(state, **{**config, "aggregate": "concat_mlp"})
+    with pytest.raises(CheckpointError, match="missing \\['classifier_head.bias'\\]"):
+        load_authors_classifier({k: v for k, v in state.items() if k != "classifier_head.bias"}, **config)
+    with pytest.raises(CheckpointError, match="label_dim=7"):
+        load_authors_classifier(state, **{**config, "label_dim": 7})

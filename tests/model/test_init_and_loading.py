@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import timm
@@ -62,9 +63,12 @@ def test_mae_blocks_go_to_both_encoders_then_the_joint_layer(tmp_path):
         own["audio_tokenizer.patch_embed.proj.weight"],
         state["patch_embed.proj.weight"].sum(dim=1, keepdim=True),
     )
-    assert "cls_token" in report.skipped and "head.weight" in report.skipped
-    assert "decoder.predict_audio.weight" in report.skipped  # no audio head in an image MAE
-    assert "global_tokens.audio" in report.skipped
+    # as adapt_vmae_weights.py: the class token starts both global tokens, the RGB head's first rows the
+    # audio head (tests/model/test_mae_init.py checks the whole mapping on the released layout)
+    assert torch.equal(own["global_tokens.audio"], state["cls_token"])
+    assert torch.equal(own["decoder.predict_audio.weight"], state["decoder_pred.weight"][:256])
+    assert "head.weight" in report.skipped and "registers.audio" in report.skipped
+    assert "learned positions" in report.skipped["pos_embed"]  # timm's table is not the fixed one
 
 
 def test_mae_init_reports_shape_mismatches_instead_of_loading_them():
@@ -144,3 +148,97 @@ def test_authors_switches_avsync_does_not_implement_are_refused(switch):
     load_authors_checkpoint(state, **HEADS, **{switch: False})  # the released setting: accepted
     with pytest.raises(CheckpointError, match=rf"{switch}=True is not supported"):
         load_authors_checkpoint(state, **HEADS, **{switch: True})
+
+
+# ------------------------------------------------------------------------------ initialization
+# The authors' rules (`CAVMAE.initialize_weights` / `_init_weights` and `CAVMAEFT`'s, in their
+# `src/models/cav_mae_sync.py`): each parameter's distribution, checked on one seeded draw.
+INIT_MODEL = dict(
+    image_size=64, audio_length=64, mel_bins=64, embed_dim=256, num_heads=4, encoder_depth=1,
+    decoder_dim=128, decoder_depth=1, decoder_heads=4, num_registers=8, contrastive_head_depth=1,
+)  # fmt: skip
+NORMAL_002 = re.compile(
+    r"global_tokens\.(audio|video)|.*tokenizer\.modality|decoder\.(modality_\w+|mask_token)|cls"
+)
+
+
+def authors_rule(name: str, parameter: torch.Tensor, module: torch.nn.Module) -> tuple[str, float]:
+    """`(kind, scale)` of the authors' initialization of one parameter of `module` (its owner)."""
+    if NORMAL_002.fullmatch(name):
+        return "normal", 0.02  # normal_(std=.02), cls_token_a / _v re-drawn after their randn
+    if re.fullmatch(r"registers\.(audio|video)", name):
+        return "normal", 1.0  # register_tokens: randn, never re-drawn
+    if isinstance(module, torch.nn.LayerNorm):
+        return "constant", 1.0 if name.endswith("weight") else 0.0
+    if isinstance(module, torch.nn.Linear):
+        if name.endswith("bias"):
+            return "constant", 0.0
+        return "uniform", (6 / sum(parameter.shape)) ** 0.5  # xavier_uniform_
+    if isinstance(module, torch.nn.Conv2d):  # patch embeddings: xavier as a linear, PyTorch's default bias
+        fan_in = parameter.numel() // parameter.shape[0] if name.endswith("weight") else None
+        if fan_in is not None:
+            return "uniform", (6 / (parameter.shape[0] + fan_in)) ** 0.5
+        return "uniform", module.weight[0].numel() ** -0.5
+    raise AssertionError(f"no rule for {name}: a new parameter needs its authors' initialization here")
+
+
+def check_authors_init(model: torch.nn.Module) -> list[str]:
+    """Every parameter against its rule; returns what differs (empty = all follow the authors)."""
+    owners = {
+        f"{prefix}.{name}" if prefix else name: module
+        for prefix, module in model.named_modules()
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    wrong = []
+    for name, parameter in model.named_parameters():
+        kind, scale = authors_rule(name, parameter, owners[name])
+        values = parameter.detach().double().flatten()
+        if kind == "constant":
+            ok = bool((values == scale).all())
+        elif kind == "normal":  # std within 15 %, mean within 4 standard errors of 0
+            ok = (
+                abs(values.std().item() / scale - 1) < 0.15
+                and abs(values.mean().item()) < 4 * scale / len(values) ** 0.5
+            )
+        else:  # uniform(-scale, scale): inside the bound, and filling it (std = scale / sqrt(3))
+            ok = values.abs().max().item() <= scale and abs(values.std().item() * 3**0.5 / scale - 1) < 0.15
+        if not ok:
+            wrong.append(f"{name}: {kind} {scale:.4g}, got std {values.std().item():.4g}")
+    return wrong
+
+
+def test_every_backbone_parameter_is_initialized_as_the_authors_do():
+    torch.manual_seed(0)
+    model = CAVMAESync(**INIT_MODEL)
+    assert check_authors_init(model) == []
+    assert model.global_tokens.audio.std().item() == pytest.approx(0.02, rel=0.15)  # not randn's 1
+    assert model.registers.audio.std().item() == pytest.approx(1.0, rel=0.15)  # randn, as theirs
+
+
+def test_the_probe_head_is_initialized_as_the_authors_classifier():
+    from avsync.tasks.probe.head import ProbeHead
+
+    torch.manual_seed(0)
+    head = ProbeHead(width=512, num_classes=10, depth=2, num_heads=4)
+    assert check_authors_init(head) == []
+    assert head.cls.std().item() == pytest.approx(0.02, rel=0.15)  # cls_cls_token: normal_(std=.02), not 0
+
+
+def test_the_global_token_scale_leaves_every_other_initial_weight_alone():
+    """The tokens are a scaled randn: a seeded model differs only in them from one drawn at std 1."""
+    from avsync.model import global_token
+
+    torch.manual_seed(0)
+    authors = CAVMAESync(**SMALL).state_dict()
+    default = global_token.GlobalTokens.__init__.__defaults__
+    global_token.GlobalTokens.__init__.__defaults__ = (True, 1.0)
+    try:
+        torch.manual_seed(0)
+        unit = CAVMAESync(**SMALL).state_dict()
+    finally:
+        global_token.GlobalTokens.__init__.__defaults__ = default
+    for name, value in authors.items():
+        if name.startswith("global_tokens."):
+            torch.testing.assert_close(value, unit[name] * 0.02)
+        else:
+            assert torch.equal(value, unit[name]), name

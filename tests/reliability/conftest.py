@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# the index fixtures (the real clips, their `avsync embed` output, an index of it), for hostile indexes
+from tests.index.conftest import clip_index, real_clips, real_embeddings, small_model  # noqa: F401
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 TINY_CONFIG = REPO_ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -76,6 +79,53 @@ def shard_keys(shards: Path) -> dict[str, set[str]]:
                 if m.name.endswith(".json")
             }
     return keys
+
+
+@pytest.fixture(scope="session")
+def tool_inputs(prepared_shards) -> dict:
+    """What every checkpoint-reading tool needs besides the checkpoint: prepared shards, one of their
+    source videos, and the `avsync synth` folder they came from."""
+    videos = sorted((prepared_shards.parent / "synth" / "videos").glob("*.mp4"))
+    return {"shards": prepared_shards, "video": videos[0], "synth": prepared_shards.parent / "synth"}
+
+
+@pytest.fixture(scope="session")
+def output_kit(tmp_path_factory) -> dict[str, Path]:
+    """What the tools that write outputs read: two different real clips that share a file name
+    (`d1/clip.mp4`, `d2/clip.mp4`), an untrained small-backbone safetensors export (`ckpt`), the two
+    clips prepared into shards, a localization manifest prompting each clip at 1 s (`manifest`), and
+    their `avsync embed` output (`embeddings`)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from avsync.api import load, write_embeddings
+    from avsync.data.prepare import prepare
+    from avsync.loading import save_backbone
+    from avsync.model import CAVMAESync
+
+    from .hostile_media import write_media
+
+    root = tmp_path_factory.mktemp("output_kit")
+    (root / "d1").mkdir()
+    (root / "d2").mkdir()
+    first = write_media(root / "d1" / "clip.mp4", duration=3.0)
+    second = write_media(root / "d2" / "clip.mp4", duration=2.5, fps=8)  # other frames, other length
+    torch.manual_seed(0)
+    ckpt = save_backbone(CAVMAESync(**SMALL_BACKBONE).eval(), root / "tiny.safetensors")
+    summary = prepare([root / "d1", root / "d2"], root / "shards", workers=1, progress=False)
+    assert summary.clips == 2 and summary.failures == 0
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    manifest = root / "prompts.csv"
+    rows = ["video,frame_time,mask,class", "d1/clip.mp4,1.0,mask.png,beep", "d2/clip.mp4,1.0,mask.png,beep"]
+    manifest.write_text("\n".join(rows) + "\n")
+    model = load(ckpt, "cpu")
+    run = model.embed_videos([first, second], batch_size=2, num_workers=0)
+    embeddings = write_embeddings(run, root / "embeddings.npz", model.describe(), patches=False)
+    return {"root": root, "first": first, "second": second, "ckpt": ckpt, "shards": root / "shards",
+            "manifest": manifest, "embeddings": embeddings}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -13,6 +13,8 @@ import av
 import numpy as np
 
 LAYOUTS = {1: "mono", 2: "stereo", 8: "7.1"}
+#: (rows, columns) of the white block at the top left of the stored frames of a rotated video.
+CORNER = (16, 24)
 
 
 def write_media(
@@ -26,24 +28,30 @@ def write_media(
     sample_rate: int = 44100,
     audio_codec: str = "aac",
     audio: np.ndarray | None = None,
+    rotation: float | None = None,
 ) -> Path:
     """H.264 video (frames at `frame_times`, default every `1 / fps` s) and an audio track
     (`audio`: `(channels, samples)` float32, default the tone; `channels=0`: none). The container
-    follows the suffix: `.mkv` also takes PCM audio."""
+    follows the suffix: `.mkv` also takes PCM audio. `rotation`: a display matrix rotating the picture
+    by that many degrees counterclockwise (`ffmpeg -display_rotation`; a phone's portrait video: -90);
+    the frames then carry a white `CORNER` block at the top left of the stored picture."""
     times = frame_times if frame_times is not None else [k / fps for k in range(round(duration * fps))]
     with av.open(str(path), mode="w") as output:
         picture = output.add_stream("libx264", rate=fps)
         picture.width, picture.height, picture.pix_fmt = size[0], size[1], "yuv420p"
         picture.options = {"preset": "ultrafast"}
         picture.time_base = picture.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            picture.set_display_rotation(rotation)
         sound = (
             output.add_stream(audio_codec, rate=sample_rate, layout=LAYOUTS[channels]) if channels else None
         )
         for k, time in enumerate(times):
             level = (10 * k) % 256
-            frame = av.VideoFrame.from_ndarray(
-                np.full((size[1], size[0], 3), level, np.uint8), format="rgb24"
-            )
+            pixels = np.full((size[1], size[0], 3), level, np.uint8)
+            if rotation is not None:
+                pixels[: CORNER[0], : CORNER[1]] = 255
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts, frame.time_base = round(time * 1000), Fraction(1, 1000)
             output.mux(picture.encode(frame))
         output.mux(picture.encode())

@@ -238,3 +238,23 @@ def test_ffmpeg_never_reads_a_file_name_as_a_protocol(tmp_path, monkeypatch):
     open_media("good.mp4").close()
     with pytest.raises(DecodeError, match="not a readable media container"):
         open_media("file:good.mp4")
+
+
+def test_listing_files_of_the_wrong_shape_are_refused_in_one_line(tmp_path):
+    """A per-rank embed index or a feature-cache manifest that is a JSON list, or nested past Python's
+    recursion limit: a ValueError naming the file, not an AttributeError or RecursionError."""
+    from avsync.api.outputs import written_parts
+    from avsync.tasks.probe.cache import FeatureCache
+
+    for text in ("[1, 2]", "[" * 100_000 + "]" * 100_000):
+        embed_dir = tmp_path / f"embed{len(text)}"
+        embed_dir.mkdir()
+        (embed_dir / "index-rank0.json").write_text(text)
+        with pytest.raises(ValueError, match="index-rank0.json: (unreadable|not an embed) index"):
+            written_parts(embed_dir)
+        cache = FeatureCache(tmp_path / f"cache{len(text)}")
+        directory = cache.directory("train", {"a": 1})
+        directory.mkdir(parents=True)
+        (directory / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match="unreadable cache manifest"):
+            cache.load("train", {"a": 1})

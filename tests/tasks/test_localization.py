@@ -183,21 +183,21 @@ def write_manifest_set(synth_set: Path, folder: Path) -> tuple[Path, int]:
     """A CSV manifest over synthetic frames: image rows (frame JPEG + the clip's mp4 as the sound), video
     rows (`video,frame_time`), and one broken row of each kind. Returns the path and the good rows."""
     folder.mkdir()
+    (folder / "synth").symlink_to(synth_set)  # paths in a manifest stay inside its folder
     manifest = load_synth(synth_set)
     rows, good = [], 0
     for clip in manifest.splits["test"]:
         annotation = manifest.annotation(clip)
         decoded = extract_video_clip(manifest.video(clip))
+        video = f"synth/{manifest.video(clip).relative_to(synth_set)}"
         for i in (2, 12):
             image = folder / f"{clip}_{i}.jpg"
             image.write_bytes(decoded.frames[i])
-            mask = synth_set / annotation["frames"]["masks"][i]
+            mask = f"synth/{annotation['frames']['masks'][i]}"
             name = f"synth_{annotation['frames']['class_indices'][i]}"
-            rows.append(
-                {"image": image.name, "audio": str(manifest.video(clip)), "mask": str(mask), "class": name}
-            )
-            rows.append({"video": str(manifest.video(clip)), "frame_time": annotation["frames"]["times"][i],
-                         "mask": str(mask), "class": name})  # fmt: skip
+            rows.append({"image": image.name, "audio": video, "mask": mask, "class": name})
+            rows.append({"video": video, "frame_time": annotation["frames"]["times"][i], "mask": mask,
+                         "class": name})  # fmt: skip
             good += 2
     (folder / "notes.wav").write_text("this is not a sound")
     Image.new("L", (10, 10)).save(folder / "small_mask.png")

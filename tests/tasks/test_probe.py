@@ -145,12 +145,13 @@ def data(tmp_path: Path, source: L.LightningDataModule | None = None, **override
 # ---------------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize("modality", ["audio", "video", "audio_visual"])
 @pytest.mark.parametrize("token", ["global", "register", "patch"])
-def test_token_and_modality_options_choose_the_features_and_the_head_width(modality, token):
+@pytest.mark.parametrize("layer", ["encoder", "joint"])
+def test_token_modality_and_layer_options_choose_the_features_and_the_head_width(modality, token, layer):
     model = backbone()
-    module = probe(model, modality=modality, token=token)
+    module = probe(model, modality=modality, token=token, layer=layer)
     batch = next(iter(ClipSource().train_dataloader()))
     with torch.no_grad():
-        embeddings = model.encode(batch["audio"], batch["video"])
+        embeddings = model.encode(batch["audio"], batch["video"], layer=layer)
     pick = {
         "global": lambda m: getattr(embeddings, f"global_{m}"),
         "register": lambda m: getattr(embeddings, f"registers_{m}").mean(dim=2),
@@ -177,6 +178,8 @@ def test_bad_arguments_are_refused():
         ProbeModule(backbone(), backbone_checkpoint="x.ckpt")
     with pytest.raises(ValueError, match="modality"):
         probe(backbone(), modality="text")
+    with pytest.raises(ValueError, match="layer must be one of"):
+        probe(backbone(), layer="decoder")
     with pytest.raises(ValueError, match="mixup"):
         probe(backbone(), mixup=1.5)
 
@@ -431,10 +434,13 @@ def test_features_are_cached_once_and_keyed_by_backbone_data_and_options(tmp_pat
     trainer(tmp_path).fit(probe(model, token="patch"), data(tmp_path))  # other options
     assert counter.calls > 0 and len(directories() - known) == 2
     known = directories()
+    trainer(tmp_path).fit(probe(model, layer="joint"), data(tmp_path))
+    assert len(directories() - known) == 2
+    known = directories()
 
     changed = copy.deepcopy(model)
     with torch.no_grad():
-        changed.joint.blocks[0].mlp.fc2.bias.add_(0.01)  # other weights
+        changed.audio_encoder[0].mlp.fc2.bias.add_(0.01)  # other weights
     changed_counter = ForwardCounter(changed)
     changed_data = data(tmp_path)
     trainer(tmp_path).fit(probe(changed), changed_data)
@@ -690,6 +696,33 @@ def test_a_probe_checkpoint_reloads_with_its_backbone_and_refuses_another(tmp_pa
         ProbeModule.load_from_checkpoint(
             path, weights_only=True, backbone=backbone(seed=1), backbone_checkpoint=None
         )
+
+
+def test_a_probe_checkpoint_from_before_the_layer_option_reloads_only_on_the_joint_features(tmp_path):
+    """Heads saved before `layer` existed were trained on the joint-layer features (then the only ones):
+    the new default (`encoder`, the authors') would feed them other numbers, so it is refused."""
+    import lightning
+
+    model = backbone()
+    weights = tmp_path / "pretrain.ckpt"
+    torch.save(
+        {"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+         "hyper_parameters": {"backbone_config": model.config}},
+        weights,
+    )  # fmt: skip
+    module = ProbeModule(backbone_checkpoint=str(weights), task="multiclass", num_classes=4, layer="joint")
+    old = {key: value for key, value in module.hparams.items() if key != "layer"}
+    path = tmp_path / "old_probe.ckpt"
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": old,
+         "probe_backbone_fingerprint": module.frozen.fingerprint,
+         "pytorch-lightning_version": lightning.__version__},
+        path,
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="load it with layer='joint'"):
+        ProbeModule.load_from_checkpoint(path, weights_only=True)
+    reloaded = ProbeModule.load_from_checkpoint(path, weights_only=True, layer="joint")
+    assert reloaded.hparams.layer == "joint"
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -156,3 +156,43 @@ def test_retrieve_and_test_with_the_recipe_are_one_run(tmp_path):
         ).read_text()
     saved = (tmp_path / "short" / "config.yaml").read_text()  # the run's full config, for provenance
     assert "avsync.tasks.retrieval.RetrievalModule" in saved and "alignment: clip" in saved
+
+
+def test_the_audioset_recipe_parses_and_builds_through_lightningcli(tmp_path, monkeypatch):
+    """configs/retrieval/audioset_vitb.yaml (issue 20, item 8) as `avsync test --config` reads it: parsed
+    and its model and data built by avsync's LightningCLI (its checkpoint swapped for a small one, no
+    trainer: the recipe asks for a GPU), then checked against the protocol; nothing is evaluated."""
+    from avsync.cli import avsync_cli_class, register_classes, trainer_defaults
+    from avsync.data.datamodule import AVShardDataModule
+    from avsync.loading import save_backbone
+    from tests.data.conftest import write_shards
+
+    class Built(avsync_cli_class()):
+        def _instantiate_trainer(self, config, callbacks):
+            self.trainer_config = config
+            return None
+
+        def _run_subcommand(self, subcommand):
+            """No evaluation."""
+
+    torch.manual_seed(0)
+    ckpt = save_backbone(CAVMAESync(**SMALL), tmp_path / "small.safetensors")
+    write_shards(tmp_path / "shards" / "audioset" / "retrieval", [2])  # at the recipe's relative path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI reads `args`, not pytest's command line
+    register_classes()
+    recipe = REPO / "configs" / "retrieval" / "audioset_vitb.yaml"
+    cli = Built(
+        subclass_mode_model=True, subclass_mode_data=True, trainer_defaults=trainer_defaults(),
+        args=["test", "--config", str(recipe), f"--model.init_args.backbone_checkpoint={ckpt}"],
+    )  # fmt: skip
+    assert isinstance(cli.model, RetrievalModule) and type(cli.datamodule) is AVShardDataModule
+    assert cli.model.hparams.strategies[0] == "diagonal_mean"  # the paper's (Eq. 5), then Table 11's others
+    assert sorted(cli.model.hparams.directions) == ["audio_to_video", "video_to_audio"]
+    data = cli.datamodule
+    assert data.shard_specs["test"] == "shards/audioset/retrieval"
+    assert (data.num_frames, data.alignment) == (16, "authors")  # the authors' fixed 1024-frame windows
+    assert (data.image_size, data.audio_length) == (SMALL["image_size"], SMALL["audio_length"])  # linked
+    assert cli.trainer_config["precision"] == "bf16-mixed" and cli.trainer_config["devices"] == 1
+    short_form = recipe.read_text().split("The same run, short form:")[1]
+    assert "--shards shards/audioset/retrieval" in short_form and "--alignment authors" in short_form

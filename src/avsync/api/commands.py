@@ -13,8 +13,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from avsync.api.model import export, load
-from avsync.api.outputs import embed_shards, format_of, require_pyarrow, write_embeddings
+from avsync.api.model import check_export_out, export, load
+from avsync.api.outputs import (
+    check_embeddings_out,
+    embed_shards,
+    format_of,
+    require_pyarrow,
+    write_embeddings,
+)
 from avsync.api.videos import Failure
 from avsync.checkpoint_io import CheckpointError
 from avsync.data.clip import ExtractionOptions
@@ -58,6 +64,7 @@ def embed_main(argv: list[str] | None = None) -> int:
         paths, failures = video_paths(args.videos)
         if not paths:
             raise InputError(f"no video files in {args.videos}")
+        check_embeddings_out(args.out, [*args.videos, *paths, *(f.path for f in failures)])  # before work
         extraction = replace(
             ExtractionOptions(),
             num_frames=args.num_frames,
@@ -179,6 +186,7 @@ def export_main(argv: list[str] | None = None) -> int:
     """`avsync export CKPT OUT.safetensors`: exit status 0 on success, 2 for an unusable input."""
     args = build_export_parser().parse_args(argv)
     try:
+        check_export_out(args.out, args.checkpoint, args.json)  # before the checkpoint is read
         if args.random_init:
             from avsync.loading import save_backbone
 

@@ -9,7 +9,9 @@ a GPU the default precision is bf16 autocast, and the outputs are always float32
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +25,16 @@ from tqdm import tqdm
 from avsync.api.videos import Failure, VideoFiles, VideoInputs, VideoReader
 from avsync.data.alignment import AlignmentMode, default_alignment
 from avsync.data.clip import ExtractionOptions
-from avsync.loading import load_backbone, save_backbone
+from avsync.loading import CONFIG_METADATA_KEY, load_backbone, save_backbone
 from avsync.model import CAVMAESync
+from avsync.output_paths import check_output_file
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+#: A safetensors header larger than this is not read to recognise an export.
+_MAX_HEADER_BYTES = 100 * 2**20
 
 
 @dataclass
@@ -122,7 +127,7 @@ class AVSyncModel:
         alignment: frame-to-window alignment (SPEC §1); None: `clip`, or `authors` for a model with
             1024-frame windows (original CAV-MAE), which then sees the whole clip with every frame.
         extraction: decoding options (frames per clip, accepted durations, ...), as for `prepare`.
-        source: where the weights came from (reported in outputs).
+        source: where the weights came from (reported in outputs; `load` gives the absolute path).
     """
 
     def __init__(
@@ -143,6 +148,17 @@ class AVSyncModel:
             backbone.image_size, backbone.audio_length, self.alignment, extraction or ExtractionOptions()
         )
         self.source = source
+        self._weights_digest: str | None = None
+
+    @property
+    def weights_digest(self) -> str:
+        """SHA-256 of the backbone's config and weights (`avsync.tasks.probe.features.fingerprint`): what
+        identifies the model behind embeddings, wherever its file lies and whatever its format."""
+        if self._weights_digest is None:
+            from avsync.tasks.probe.features import fingerprint
+
+            self._weights_digest = fingerprint(self.backbone)
+        return self._weights_digest
 
     @property
     def num_frames(self) -> int:
@@ -153,6 +169,7 @@ class AVSyncModel:
         """JSON-ready facts about this model and how it embeds (written beside every output)."""
         return {
             "checkpoint": self.source,
+            "weights_digest": self.weights_digest,
             "backbone_config": dict(self.backbone.config),
             "embed_dim": self.backbone.embed_dim,
             "num_frames": self.num_frames,
@@ -272,15 +289,59 @@ def load(
     Every file is read without executing code (`weights_only` pickle or safetensors).
     """
     backbone = load_backbone(path, **authors_kwargs)
-    return AVSyncModel(
-        backbone, device, precision, alignment=alignment, extraction=extraction, source=str(path)
+    source = str(Path(path).resolve())  # outputs name the file wherever they are read from
+    return AVSyncModel(backbone, device, precision, alignment=alignment, extraction=extraction, source=source)
+
+
+def is_backbone_export(path: str | Path) -> bool:
+    """Whether `path` is an avsync safetensors export (the header's metadata holds the backbone config
+    under `avsync_backbone_config`): the only kind of existing file `avsync export` replaces."""
+    try:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size)) if size <= _MAX_HEADER_BYTES else None
+    except (OSError, struct.error, ValueError, RecursionError):  # too short, not JSON: not safetensors
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and CONFIG_METADATA_KEY in metadata
+
+
+def is_export_description(path: str | Path) -> bool:
+    """Whether `path` is the JSON description `avsync export --json` writes beside an export."""
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+        return False
+    return isinstance(stored, dict) and {CONFIG_METADATA_KEY, "avsync_version"} <= set(stored)
+
+
+def check_export_out(out: str | Path, checkpoint: str | Path, json_sidecar: bool = False) -> Path:
+    """`out` (and with `json_sidecar` its `.json` twin) as the files of `avsync export`, before the
+    checkpoint is read: not the checkpoint, not a folder, and when present earlier avsync exports."""
+    out = check_output_file(
+        out,
+        inputs=[checkpoint],
+        ours=is_backbone_export,
+        what="an avsync safetensors export (its metadata holds avsync_backbone_config)",
+        flag="OUT",
     )
+    if json_sidecar:
+        check_output_file(
+            out.with_suffix(".json"),
+            inputs=[checkpoint],
+            ours=is_export_description,
+            what="the JSON description of an avsync export (with avsync_backbone_config)",
+            flag="--json file",
+        )
+    return out
 
 
 def export(checkpoint: str | Path, out: str | Path, *, json_sidecar: bool = False, **authors_kwargs) -> Path:
     """Convert any checkpoint `load` reads into an avsync safetensors export at `out` (`.safetensors`):
     the backbone's weights plus its config in the file's metadata (and in `out.json` with
-    `json_sidecar`). Loading the export gives a model with bit-identical outputs."""
+    `json_sidecar`). Loading the export gives a model with bit-identical outputs. An existing `out` is
+    replaced only when it is an earlier export (`check_export_out`)."""
+    check_export_out(out, checkpoint, json_sidecar)
     return save_backbone(
         load_backbone(checkpoint, **authors_kwargs),
         out,

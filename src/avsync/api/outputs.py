@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,7 @@ import torch
 from avsync import __version__
 from avsync.api.model import EmbeddingRun
 from avsync.data.member_paths import member_path
+from avsync.output_paths import OutputError, check_output_file, check_output_folder, same_file
 from avsync.tasks.features import FeatureWriter, atomic_write_text
 
 OutputFormat = Literal["npz", "parquet"]
@@ -58,6 +60,41 @@ def require_pyarrow() -> None:
         import pyarrow.parquet  # noqa: F401
     except ImportError as error:
         raise ModuleNotFoundError(MISSING_PYARROW) from error
+
+
+def is_embeddings_file(path: str | Path) -> bool:
+    """Whether `path` is an `avsync embed` output, the only kind of existing file `--out` replaces: an
+    npz whose `metadata` is the JSON `run_metadata` writes (with `format_version` and `avsync_version`),
+    or a parquet file with that JSON under the `avsync` key of its schema metadata."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not {"keys", "audio", "video", "metadata"} <= set(data.files):
+                return False
+            metadata = json.loads(str(data["metadata"]))
+    except (OSError, ValueError, EOFError, TypeError, AttributeError):  # not an npz (a .npy, a pickle)
+        metadata = _parquet_metadata(path)
+    return isinstance(metadata, dict) and {"format_version", "avsync_version"} <= set(metadata)
+
+
+def check_embeddings_out(path: str | Path, inputs: list[str | Path]) -> Path:
+    """`path` as the output file of `avsync embed`: not one of the `inputs` (videos), not a folder, and
+    when it exists an earlier embed output (`is_embeddings_file`); `OutputError` otherwise."""
+    return check_output_file(
+        path,
+        inputs=inputs,
+        ours=is_embeddings_file,
+        what="an avsync embed output (an npz or parquet file with avsync's embedding metadata)",
+    )
+
+
+def _parquet_metadata(path: str | Path) -> dict | None:
+    try:
+        import pyarrow.parquet as pq
+
+        stored = (pq.read_schema(path).metadata or {}).get(PARQUET_METADATA_KEY)
+        return json.loads(stored) if stored else None
+    except Exception:  # no pyarrow, or not a parquet file: not recognised
+        return None
 
 
 def run_metadata(run: EmbeddingRun, model_facts: dict, patches: bool) -> dict:
@@ -99,12 +136,15 @@ def write_embeddings(
     output_format: OutputFormat | None = None,
 ) -> Path:
     """Write `run` to `path` (format: `output_format`, else from the suffix); the file appears complete
-    or not at all."""
+    or not at all. Refused (`OutputError`) over one of the run's videos or over an existing file that
+    is not an earlier `avsync embed` output (`check_embeddings_out`)."""
     path = Path(path)
     chosen = format_of(path, output_format)
+    check_embeddings_out(path, [e.path for e in run.embeddings] + [f.path for f in run.failures])
     metadata = run_metadata(run, model_facts, patches)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    # a name of its own: a user's `<name>.partial` beside the output is not this run's to replace
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
         (_write_npz if chosen == "npz" else _write_parquet)(run, partial, metadata, patches)
     except BaseException:
@@ -170,8 +210,11 @@ def written_parts(directory: str | Path, settings: dict | None = None) -> dict[s
     for path in sorted([*directory.glob("index-rank*.json"), *directory.glob(SHARD_MANIFEST)]):
         try:
             index = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{path}: unreadable index ({error}); delete it and run again") from None
+        if not isinstance(index, dict):
+            kind = type(index).__name__
+            raise ValueError(f"{path}: not an embed index (a JSON {kind}); delete it and run again")
         if settings is not None and index.get("settings") != settings:
             changed = sorted(
                 name
@@ -193,6 +236,27 @@ def written_parts(directory: str | Path, settings: dict | None = None) -> dict[s
         if path.name not in parts and _PART_PATTERN.fullmatch(path.name):
             parts[path.name] = _part_keys(path)
     return {name: keys for name, keys in sorted(parts.items()) if (directory / name).is_file()}
+
+
+def check_shard_embeddings_out(directory: str | Path, shards: str | Path | None = None) -> Path:
+    """`directory` as the output of `avsync embed --shards`, before any work: a folder (new or
+    existing), not the shard folder, and without a `manifest.json` of anything else (an embed manifest
+    holds `settings` and `parts`): the one file of another program this writer would replace."""
+    directory = check_output_folder(directory)
+    if shards is not None and same_file(directory, shards):
+        raise OutputError(f"--out {directory}: is the shard folder; give another folder for the embeddings")
+    manifest = directory / SHARD_MANIFEST
+    if manifest.exists() or manifest.is_symlink():
+        try:
+            stored = json.loads(manifest.read_text()) if manifest.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            stored = None
+        if not (isinstance(stored, dict) and {"settings", "parts"} <= set(stored)):
+            raise OutputError(
+                f"--out {directory}: its {SHARD_MANIFEST} is not one of avsync embed --shards (no `settings` "
+                "and `parts`), so it is not replaced; give another folder"
+            )
+    return directory
 
 
 class ShardEmbeddingWriter(FeatureWriter):
@@ -323,6 +387,7 @@ def embed_shards(
     shard_set = resolve_shards(str(shards))
     if shard_set.manifest is None:
         raise ValueError(f"{shards}: no manifest.json beside the shards (written by avsync prepare)")
+    check_shard_embeddings_out(out, Path(shard_set.urls[0]).parent)  # before the model is read
     backbone = load_backbone(checkpoint, **authors_kwargs).eval().requires_grad_(False)
     alignment = alignment or default_alignment(backbone.audio_length)
     cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
@@ -337,7 +402,8 @@ def embed_shards(
     }
     facts = {
         "shards": str(shards),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "weights_digest": settings["backbone"],  # what `avsync index search` checks its query model by
         "backbone_config": dict(backbone.config),
         "embed_dim": backbone.embed_dim,
         "image_size": backbone.image_size,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -32,6 +33,7 @@ class VideoInputs:
     audio: torch.Tensor
     video: torch.Tensor
     metadata: dict
+    fbank: np.ndarray | None = None  # the whole clip's `(S, mel)` log-Mel spectrogram, unnormalized
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class VideoReader:
         except Exception as error:  # a frame that decodes in PyAV but not as a stored JPEG, say
             cause = error.__cause__ or error
             raise DecodeError(path, f"decoded but not usable: {type(cause).__name__}: {cause}") from error
-        return VideoInputs(key, str(path), example["audio"], example["video"], clip.metadata)
+        fbank = clip.fbank.astype(np.float32)
+        return VideoInputs(key, str(path), example["audio"], example["video"], clip.metadata, fbank)
 
 
 def unique_keys(paths: Sequence[str | Path]) -> list[str]:

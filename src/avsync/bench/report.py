@@ -78,11 +78,13 @@ def render(report: dict) -> str:
         _targets(results),
         _pretrain(results),
         _ablation(results),
+        _paper_recipe(results),
         _inference(results),
         _retrieval(results),
         _probe(results),
         _data(results),
         _index_section(results),
+        _app(results),
         _evaluation_limits(report),
         _runs(results),
     ]
@@ -256,6 +258,65 @@ def _ablation(results: dict) -> str:
         out.append(f"One Adam step over all parameters: {steps}.\n")
     out.append(COMPILE_NOTE)
     return "\n".join(out)
+
+
+def _paper_recipe(results: dict) -> str:
+    failure = _failed(results, "paper_recipe")
+    if failure is None:
+        return ""
+    title = "## 1c. The paper's recipe at full size: a dry run on CPU\n\n"
+    if failure:
+        return title + failure
+    r = results["paper_recipe"]
+    rows = [
+        (index + 1, wall, cpu, round(r["batch_size"] / wall, 3))
+        for index, (wall, cpu) in enumerate(zip(r["steps_s"], r["steps_cpu_s"], strict=True))
+    ]
+    checkpoint = r["checkpoint"]
+    return (
+        title
+        + f"`avsync fit --config {r['recipe']}` as shipped ({r['precision']}), changed only for a CPU and a "
+        f"handful of clips: {r['clips']} clips made by `avsync synth` + `avsync prepare`, batch "
+        f"{r['batch_size']}, {r['steps']} steps, no validation, {r['threads']} threads on "
+        f"{r['machine']['cpu']} ({', '.join(r['machine']['cpu_features'])}). `init_from`: a "
+        f"full-size file in the released MAE layout ({r['init_file']['parameters_m']} M parameters, "
+        f"{r['init_file']['bytes'] / 2**20:,.0f} MiB); the run reported `{r['init_report']}`.\n\n"
+        + _table(("step", "wall (s)", "CPU time, all threads (s)", "samples/s"), rows)
+        + f"\nPeak resident memory of the `avsync fit` process: {r['fit_peak_rss_mib']:,.0f} MiB "
+        f"({r['fit_peak_rss_mib_before_checkpoint']:,.0f} MiB before writing the checkpoint). `last.ckpt`: "
+        f"{checkpoint['bytes'] / 2**30:.2f} GiB, global step {checkpoint['global_step']}, Adam state for "
+        f"{checkpoint['adam_parameters']} tensors, read back weights-only. Whole run {r['fit_s']} s; load "
+        f"average after it {r['load_average_after_fit']}. Step 1 also allocates Adam's moments and logs the "
+        "reconstruction images. On a machine shared with other jobs the wall times stretch with its load; "
+        "the CPU times less so, but they include OpenMP's spin-waiting for descheduled threads. This run's "
+        "CPU is named above: it need not be the one of the machine table.\n"
+    )
+
+
+def _app(results: dict) -> str:
+    failure = _failed(results, "app")
+    if failure is None:
+        return ""
+    title = "## The app: how long a person waits\n\n"
+    if failure:
+        return title + failure
+    r = results["app"]
+    total, parts = r["upload_to_maps_and_segments"], r["parts_median_s"]
+    verdict = "within" if total["median_s"] <= r["target_s"] else "over"
+    runs = ", ".join(f"{t:.2f}" for t in total["runs_s"])
+    return (
+        title + f"`avsync app` with the demo's tiny model on a {r['clip_seconds']:g}-s clip, {r['threads']} "
+        f"threads on {r['machine']['cpu']}: from upload to the maps (overlay video and frame strip) and the "
+        "segments, "
+        f"median of {len(total['runs_s'])}: **{total['median_s']:.2f} s** ({verdict} the {r['target_s']:g}-s "
+        f"goal; runs {runs} s). Of it: analysis (decode, encode, segment) {parts['analyse']:.2f} s, the "
+        f"first map set's video and strip {parts['maps_video']:.2f} s, the segmentation figure "
+        f"{parts['segments']:.2f} s. Switching the map selector to a map not yet shown took "
+        f"{r['switch_to_other_map_s']['median_s']:.2f} s (its readout and video); back to one already shown "
+        f"{r['switch_back_s']['median_s']:.3f} s (nothing recomputed: "
+        f"{r['map_sets_computed_for_five_switches']} map sets computed for that clip in all). Peak memory "
+        f"{r['peak_rss_mib']:,.0f} MiB.\n"
+    )
 
 
 def _inference(results: dict) -> str:

@@ -100,6 +100,18 @@ SUITE: dict[str, Benchmark] = {
         env={"THP_MEM_ALLOC_ENABLE": "1"},
         description="the loader with PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE=1)",
     ),
+    "paper_recipe": Benchmark(
+        "avsync.bench.paper_recipe:dry_run",
+        full={"clips": 4, "batch_size": 2, "steps": 2},
+        quick={"clips": 2, "batch_size": 2, "steps": 1},
+        description="audioset2m_vitb.yaml as shipped: MAE init, 2 steps at batch 2 on shards, checkpoint",
+    ),
+    "app": Benchmark(
+        "avsync.bench.app:app_latency",
+        full={"repeats": 5},
+        quick={"repeats": 2},
+        description="`avsync app`: a 10-s clip's maps and segments after upload, a map switch (tiny model)",
+    ),
 }
 
 

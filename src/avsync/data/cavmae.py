@@ -9,6 +9,10 @@ extraction used that rule), marked `frame_time_source: "nominal"`.
 
 from __future__ import annotations
 
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,12 @@ from avsync.data.errors import DecodeError
 from avsync.data.fbank import log_mel_fbank
 from avsync.data.images import encode_jpeg, scaled_size, shrink
 from avsync.data.media import check_readable, open_media
+from avsync.data.sources import ClipSource, InputError
+
+log = logging.getLogger(__name__)
+
+#: Clips whose frame folders are counted to say what a datafile's frames are, when none has them all.
+_LAYOUT_SAMPLE = 20
 
 
 def cavmae_frame_path(video_path: str | Path, video_id: str, index: int) -> Path:
@@ -83,3 +93,61 @@ def _stored_frame(
             return encode_jpeg(stored, options.jpeg_quality), (original, stored.size)
     except (UnidentifiedImageError, OSError) as error:
         raise DecodeError(path, f"unreadable frame image: {error}") from error
+
+
+def check_frame_folders(
+    sources: Sequence[ClipSource], num_frames: int, datafiles: Sequence[str] = ()
+) -> None:
+    """Stop before any decoding when no clip of a CAV-MAE datafile has its last frame, `frame_{T-1}`.
+
+    CAV-MAE's frame extractor (`src/preprocess/extract_video_frame.py`) writes 10 frames per clip, at
+    `i * D / 10`; the Sync authors' own (`extract_video_frame_parallel.py`) and avsync read 16, at
+    `i * D / 16`. Ten frames taken at other times cannot become sixteen without inventing frames, and
+    such a datafile would otherwise fail clip after clip for hours and end with no shard. Clips that lack
+    frames while others have them are only counted here: each is skipped with its reason, as before.
+    Raises `InputError` with one line saying what is there, what is missing and what to do.
+    """
+    clips = [source for source in sources if source.kind == "cavmae"]
+    if not clips:
+        return
+    last = num_frames - 1
+    complete = sum(
+        1 for source in clips if os.path.isfile(cavmae_frame_path(source.path, source.clip_id, last))
+    )
+    if complete == len(clips):
+        return
+    if complete:
+        log.warning(
+            "%d of %d datafile clips lack frame_%d (video_path/frame_%d/VIDEO_ID.jpg): they will be skipped, "
+            "each listed in failures.jsonl",
+            len(clips) - complete,
+            len(clips),
+            last,
+            last,
+        )
+        return
+    where = ", ".join(datafiles) if datafiles else "the CAV-MAE datafile"
+    example = cavmae_frame_path(clips[0].path, clips[0].clip_id, last)
+    counts = Counter(_frames_present(source, num_frames) for source in clips[:_LAYOUT_SAMPLE])
+    found, _ = counts.most_common(1)[0]
+    if found == 0:
+        there = "no frame folders either (not even video_path/frame_0/VIDEO_ID.jpg)"
+    else:
+        origin = ", as CAV-MAE's extract_video_frame.py writes them" if found == 10 else ""
+        there = (
+            f"{found} frames per clip (frame_0..frame_{found - 1}{origin}), which cannot become the "
+            f"{num_frames} taken at i*D/{num_frames} without inventing frames"
+        )
+    raise InputError(
+        f"{where}: none of its {len(clips)} clips has frame_{last} (e.g. {example}): its frame folders hold "
+        f"{there}; nothing was prepared. Prepare from the videos instead (avsync prepare VIDEOS OUT --labels "
+        f"CSV --classes CSV, docs/audioset_retrieval.md), or extract {num_frames} frames per clip first"
+    )
+
+
+def _frames_present(source: ClipSource, num_frames: int) -> int:
+    """How many of the frames `frame_0`, `frame_1`, ... a clip has in a row (at most `num_frames`)."""
+    count = 0
+    while count < num_frames and os.path.isfile(cavmae_frame_path(source.path, source.clip_id, count)):
+        count += 1
+    return count

@@ -113,15 +113,18 @@ def extract_video_clip(path: str | Path, options: ExtractionOptions = Extraction
     waveform = _clip_audio(path, info, options)
     fbank = log_mel_fbank(waveform.samples, options.fbank)
     height, width = frames.images[0].shape[:2]
+    source_width, source_height = frames.upright(info.width, info.height)
     metadata = {
         "duration": float(info.duration),
         "fps": info.fps,
         "frame_times": frames.times,
         "frame_time_source": "pts",
-        "width": info.width,
-        "height": info.height,
+        "width": source_width,
+        "height": source_height,
         "frame_width": width,
         "frame_height": height,
+        "rotation": frames.rotation,
+        "mirrored": frames.mirrored,
         "video_start": float(info.video_start),
         "audio_offset": float(info.audio_start - info.video_start) if info.has_audio else None,
         "has_audio": info.has_audio,

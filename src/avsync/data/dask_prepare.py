@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -47,6 +49,11 @@ from avsync.data.shard_plan import PlannedShard, ShardPlanner
 from avsync.data.shard_writer import ShardRecord, ShardWriter
 from avsync.tool_parsers import DEFAULT_PARTITION_SIZE  # about a minute of one core per task on 10-s clips
 
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # `prepare` refuses --engine dask without distributed, naming the package to install
+    WorkerPlugin = object
+
 log = logging.getLogger(__name__)
 
 
@@ -60,13 +67,21 @@ def connect(scheduler, workers: int) -> Iterator:
     if isinstance(scheduler, Client):
         yield scheduler
     elif scheduler in (None, "local"):
-        with (
-            LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as client,
-        ):  # fmt: skip
+        with ExitStack() as stack:
+            # Stopping is the driver's to do (`prepare` closes the cluster), but a terminal's Ctrl-C
+            # reaches every process of its group: the workers ignore SIGINT, from their start (they
+            # inherit it) and once restarted (the plugin). Their logs are kept to CRITICAL: the driver
+            # reports every failed task itself, and a run stopped early would end with the workers'
+            # tracebacks of the scheduler going away while they were busy.
+            with _sigint_ignored():
+                cluster = stack.enter_context(
+                    LocalCluster(
+                        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        silence_logs=logging.CRITICAL,
+                    )
+                )  # fmt: skip
+            client = stack.enter_context(Client(cluster))
+            client.register_plugin(IgnoreSigint())
             yield client
     elif Path(scheduler).is_file():
         with Client(scheduler_file=str(scheduler)) as client:
@@ -74,6 +89,32 @@ def connect(scheduler, workers: int) -> Iterator:
     else:
         with Client(scheduler) as client:
             yield client
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored for the block, and so in the processes started meanwhile (an ignored signal stays
+    ignored across `exec`, and Python then installs no handler of its own). A Ctrl-C in those seconds
+    is lost: pressed again, it stops the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class IgnoreSigint(WorkerPlugin):
+    """Makes a worker (one restarted after a crash, too) ignore SIGINT; see `connect`."""
+
+    idempotent = True
+    name = "avsync-ignore-sigint"
+
+    def setup(self, worker) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def quiet_dask_logs() -> None:

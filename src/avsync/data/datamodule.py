@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from avsync.config_checks import ConfigError, check_count, check_number, is_count
 from avsync.data.alignment import AlignmentMode
 from avsync.data.pipeline import ShardSet, build_pipeline, fixed_mode_batches, resolve_shards
 from avsync.data.samples import ClipDecoder, LabelFormat, SampleShape
@@ -48,6 +51,47 @@ from avsync.data.transforms import (
 
 log = logging.getLogger(__name__)
 Split = Literal["train", "val", "test", "predict"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training epoch in numbers (`AVShardDataModule.training_plan`).
+
+    `epoch_clips`: clips drawn per epoch over all ranks; `manifest_clips`: what the manifests list;
+    `source`: what sets the epoch (`manifest`, `epoch_length`, or `one pass` over the shards without
+    resampling, when `steps_per_epoch` is an estimate: `exact` False)."""
+
+    batch_size: int
+    world_size: int
+    accumulate_grad_batches: int
+    epoch_clips: int | None
+    manifest_clips: int | None
+    source: str
+    steps_per_epoch: int | None
+    exact: bool
+
+    @property
+    def global_batch(self) -> int:
+        """Clips per optimizer step, over all ranks."""
+        return self.batch_size * self.world_size * self.accumulate_grad_batches
+
+    def batch_terms(self) -> str:
+        terms = f"{self.batch_size} per rank x {self.world_size} rank(s)"
+        if self.accumulate_grad_batches > 1:
+            terms += f" x {self.accumulate_grad_batches} accumulated"
+        return terms
+
+    def describe(self, lr: float | None = None) -> str:
+        """The start-up line of a fit."""
+        listed = "no manifest" if self.manifest_clips is None else f"manifests: {self.manifest_clips:,} clips"
+        clips = "unknown" if self.epoch_clips is None else f"{self.epoch_clips:,}"
+        steps = "unknown" if self.steps_per_epoch is None else f"{self.steps_per_epoch:,}"
+        steps = steps if self.exact else f"about {steps}"
+        rate = "" if lr is None else f", learning rate {lr:g}"
+        return (
+            f"training: global batch {self.global_batch} ({self.batch_terms()}), {clips} clips per epoch "
+            f"(set by {self.source}; {listed}), {steps} optimizer steps per epoch{rate}"
+        )
 
 
 class AVShardDataModule(L.LightningDataModule):
@@ -68,10 +112,16 @@ class AVShardDataModule(L.LightningDataModule):
         resampled: draw training shards with replacement and cut epochs to `epoch_length` samples per
             rank (rounded up to whole batches per worker) - the mode for several devices.
         epoch_length: samples per epoch per rank in resampled mode (default: the manifest's clip
-            count divided by the number of ranks).
+            count divided by the number of ranks, so that an epoch is one pass's worth of clips
+            whatever the number of devices and nodes).
+        recipe_global_batch: the global batch (clips per optimizer step, over all ranks) that the
+            model's learning rate was chosen for; a fit whose global batch differs gets a warning
+            (the rate is not scaled: see `training_plan`). None: no check.
         random_resized_crop, crop_scale, crop_ratio, horizontal_flip: training image augmentation.
         freq_mask, time_mask: maximum widths (mel bins, spectrogram frames) of the training
             SpecAugment masks, 0 = off. noise_std: Gaussian noise added to training windows, 0 = off.
+        time_shift: roll each training window circularly in time by a random amount (CAV-MAE's random
+            time shift, `transforms.random_time_shift`).
         label_format: `multi_hot` float `(C,)` or `index` int64 (single-label datasets).
         num_classes: `C`; default: the manifest's class count.
         train_mode, eval_mode: batch shape of the train split and of the other splits.
@@ -107,6 +157,7 @@ class AVShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         epoch_length: int | None = None,
+        recipe_global_batch: int | None = None,
         random_resized_crop: bool = True,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (0.9, 1.1),
@@ -114,6 +165,7 @@ class AVShardDataModule(L.LightningDataModule):
         freq_mask: int = 0,
         time_mask: int = 0,
         noise_std: float = 0.0,
+        time_shift: bool = False,
         label_format: LabelFormat = "multi_hot",
         num_classes: int | None = None,
         train_mode: SampleShape = "train",
@@ -127,8 +179,7 @@ class AVShardDataModule(L.LightningDataModule):
         super().__init__()
         if alignment not in ("clip", "authors"):
             raise ValueError(f"alignment must be 'clip' or 'authors', got {alignment!r}")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("batch sizes must be positive")
+        _check_settings(type(self).__name__, locals())  # ConfigError, one line naming the key
         self.save_hyperparameters()
         self.shard_specs: dict[Split, str | None] = {
             "train": train_shards,
@@ -148,6 +199,7 @@ class AVShardDataModule(L.LightningDataModule):
         )
         self.horizontal_flip = horizontal_flip
         self.freq_mask, self.time_mask, self.noise_std = freq_mask, time_mask, noise_std
+        self.time_shift, self.recipe_global_batch = time_shift, recipe_global_batch
         self.label_format, self.num_classes = label_format, num_classes
         self.train_mode, self.eval_mode = train_mode, eval_mode
         self.seed, self.pin_memory = seed, pin_memory
@@ -163,13 +215,13 @@ class AVShardDataModule(L.LightningDataModule):
         self._model_sizes()
         for split, spec in self.shard_specs.items():
             if spec is not None and split not in self.shards:
-                self.shards[split] = resolve_shards(spec)
+                self.shards[split] = _resolve(split, spec)
                 self._check_frames(split)
         if self.num_classes is None:
             manifest = next((s.manifest for s in self.shards.values() if s.manifest is not None), None)
             if manifest is None:
                 raise ValueError("num_classes is not given and no manifest.json was found beside the shards")
-            self.num_classes = int(manifest.get("num_classes", len(manifest.get("classes", []))))
+            self.num_classes = _manifest_classes(manifest)
         _, world_size = self._rank_and_world()
         if world_size > 1 and "train" in self.shards and not self.resampled:
             log.warning(
@@ -177,6 +229,55 @@ class AVShardDataModule(L.LightningDataModule):
                 "and DDP can stall; set resampled=True (and epoch_length)",
                 world_size,
             )
+        trainer = self.trainer
+        if stage == "fit" and "train" in self.shards and getattr(trainer, "datamodule", None) is self:
+            self._announce_training_plan(trainer)
+
+    def training_plan(self, world_size: int = 1, accumulate_grad_batches: int = 1) -> TrainingPlan:
+        """What an epoch of training is on `world_size` ranks: global batch, clips, optimizer steps
+        (`setup` first). A `fit` says it at start-up (one line, with the model's learning rate)."""
+        if "train" not in self.shards:
+            raise ValueError("training_plan needs train_shards (and setup() first)")
+        shards, accumulate = self.shards["train"], max(1, accumulate_grad_batches)
+        per_step = self.batch_size * world_size
+        if self.resampled:
+            _, batches = self._epoch_plan("train", 0, world_size, True)
+            source = "epoch_length" if self.epoch_length is not None else "manifest"
+            return TrainingPlan(
+                self.batch_size, world_size, accumulate, batches * per_step, shards.num_clips, source,
+                math.ceil(batches / accumulate), exact=True,
+            )  # fmt: skip
+        clips = shards.num_clips
+        steps = None if clips is None else max(1, clips // per_step // accumulate)
+        return TrainingPlan(
+            self.batch_size, world_size, accumulate, clips, clips, "one pass", steps, exact=False
+        )
+
+    def _announce_training_plan(self, trainer) -> None:
+        """The start-up line, and the warning when the global batch is not the recipe's: the learning rate
+        is kept as configured, not scaled. The paper gives one point (2e-4 at 512) and no rule, and the
+        batch is also the contrastive loss's set of negatives, so no scaling rule reproduces the recipe at
+        another batch; the per-rank batch that restores it is named instead."""
+        plan = self.training_plan(trainer.world_size, trainer.accumulate_grad_batches)
+        hparams = getattr(trainer.lightning_module, "hparams", None) or {}
+        lr = hparams.get("lr")
+        rank_zero_info(plan.describe(lr))
+        wanted = self.recipe_global_batch
+        if wanted is None or (plan.global_batch == wanted and plan.accumulate_grad_batches == 1):
+            return
+        rate = "its learning rate" if lr is None else f"its learning rate {lr:g}"
+        ranks = plan.world_size
+        if wanted % ranks:
+            fix = f"choose devices that divide {wanted} (no per-rank batch gives it on {ranks} ranks)"
+        else:
+            fix = f"set data.init_args.batch_size to {wanted // ranks} ({wanted} / {ranks} ranks)"
+            fix += " and trainer.accumulate_grad_batches to 1" if plan.accumulate_grad_batches > 1 else ""
+        rank_zero_warn(
+            f"global batch {plan.global_batch} ({plan.batch_terms()}) is not the {wanted} clips the recipe "
+            f"set {rate} for; the rate is not scaled (the batch is also the contrastive loss's negatives: "
+            f"no rule carries the recipe to another batch). To keep the recipe, {fix}; or set "
+            f"model.init_args.lr for this batch yourself."
+        )
 
     def _model_sizes(self) -> None:
         backbone = None
@@ -204,6 +305,27 @@ class AVShardDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{self.shard_specs[split]} stores {stored} frames per clip; "
                 f"num_frames={self.num_frames} must divide it"
+            )
+
+    def _check_batch_fits(self, world_size: int) -> None:
+        """Refuse a training batch that the data or the epoch cannot fill, before any work: a batch is
+        gathered sample by sample, so it would hold the whole stream (resampled: an endless one) in
+        memory and never come out."""
+        shards = self.shards.get("train")
+        if shards is None or shards.num_clips is None:
+            return  # without a manifest the data's size is unknown (epoch_length: checked at construction)
+        if self.resampled and self.epoch_length is None:
+            epoch = math.ceil(shards.num_clips / world_size)
+            if self.batch_size > epoch:
+                raise ConfigError(
+                    f"{type(self).__name__}: batch_size={self.batch_size} is larger than an epoch, {epoch} "
+                    f"clips per rank (the manifests' {shards.num_clips} over {world_size} rank(s)); lower "
+                    "batch_size or set epoch_length"
+                )
+        elif not self.resampled and self.batch_size > shards.num_clips:
+            raise ConfigError(
+                f"{type(self).__name__}: batch_size={self.batch_size} is larger than the training data, "
+                f"{shards.num_clips} clips in {self.shard_specs['train']}"
             )
 
     def _device_type(self) -> str:
@@ -251,6 +373,11 @@ class AVShardDataModule(L.LightningDataModule):
         """Every clip of `split` once (this rank's shards), unshuffled, the last batch partial, decoded
         as for evaluation (all T pairs, no augmentation): for one-off passes such as caching features
         of the training clips, which the training loader would shuffle, augment and cut to whole batches."""
+        if split == "train" and self.time_shift:
+            rank_zero_warn(
+                "time_shift=True does not apply to a full pass over the training clips (no augmentation "
+                "does; e.g. features cached for a probe): they are read unshifted"
+            )
         return self._loader(split, full_pass=True)
 
     @property
@@ -271,7 +398,7 @@ class AVShardDataModule(L.LightningDataModule):
                 self.crop_ratio,
                 self.horizontal_flip,
             )
-            augmentation = AudioAugmentation(self.freq_mask, self.time_mask, self.noise_std)
+            augmentation = AudioAugmentation(self.freq_mask, self.time_mask, self.noise_std, self.time_shift)
         else:
             image_transform, augmentation = CenterFrame(self.image_size), None
         return ClipDecoder(
@@ -335,6 +462,8 @@ class AVShardDataModule(L.LightningDataModule):
         """
         shards = self.shards[split]
         workers = max(1, self.num_workers)
+        if training:  # the first use of the training batch size (fit's set-up, or its loader)
+            self._check_batch_fits(world_size)
         if training and self.resampled:
             samples = self.epoch_length
             if samples is None:
@@ -360,3 +489,55 @@ class AVShardDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0 and split in ("train", "val") and not full_pass,
             pin_memory=self.pin_memory and self._device_type() == "cuda",
         )
+
+
+def _check_settings(owner: str, settings: dict) -> None:
+    """Refuse, at construction, values no run can use (`ConfigError` naming the key): they used to
+    surface as tracebacks deep in a run, or be accepted silently (a negative `epoch_length`)."""
+    for name, minimum in [("batch_size", 1), ("num_workers", 0), ("num_frames", 1), ("shuffle_buffer", 0)]:
+        check_count(owner, name, settings[name], minimum)
+    for name, minimum in [("freq_mask", 0), ("time_mask", 0), ("min_audio_frames", 1)]:
+        check_count(owner, name, settings[name], minimum)
+    for name in ("eval_batch_size", "image_size", "audio_length", "epoch_length", "num_classes"):
+        check_count(owner, name, settings[name], 1, optional=True)
+    for name in ("max_consecutive_skips", "recipe_global_batch"):
+        check_count(owner, name, settings.get(name), 1, optional=True)
+    check_number(owner, "audio_mean", settings["audio_mean"])
+    check_number(owner, "audio_std", settings["audio_std"], 0, low_open=True)
+    check_number(owner, "noise_std", settings["noise_std"], 0)
+    low, high = settings["crop_scale"]
+    check_number(owner, "crop_scale", low, 0, 1, low_open=True)
+    check_number(owner, "crop_scale", high, low, 1)
+    low, high = settings["crop_ratio"]
+    check_number(owner, "crop_ratio", low, 0, low_open=True)
+    check_number(owner, "crop_ratio", high, low)
+    length = settings["epoch_length"]
+    if settings["resampled"] and length is not None and settings["batch_size"] > length:
+        raise ConfigError(
+            f"{owner}: batch_size={settings['batch_size']} is larger than an epoch, epoch_length={length} "
+            "clips per rank; lower batch_size or raise epoch_length"
+        )
+
+
+def _manifest_classes(manifest: dict) -> int:
+    """The class count of a manifest, checked before it sizes every sample's label vector: a count that
+    agrees with the manifest's class list (`avsync prepare` writes both)."""
+    classes = manifest.get("classes")
+    listed = len(classes) if isinstance(classes, list) else None
+    count = manifest.get("num_classes", listed)
+    if not is_count(count, 0) or (listed is not None and count != listed):
+        raise ConfigError(
+            f"the shards' manifest.json has num_classes={count!r} and lists {listed} classes: not a class "
+            "count that agrees with its class list; fix the manifest or give num_classes"
+        )
+    return count
+
+
+def _resolve(split: str, spec: str) -> ShardSet:
+    """`resolve_shards`, where a specification naming no shards is reported as the setting it came from
+    (`ConfigError`: one line, exit 2), at set-up rather than when built: a config may name shards that are
+    written between the two."""
+    try:
+        return resolve_shards(spec)
+    except FileNotFoundError as error:
+        raise ConfigError(f"AVShardDataModule: {split}_shards: {error}") from None

@@ -14,6 +14,9 @@ How a run is made reproducible and resumable:
 4. at the end `failures.jsonl` and `manifest.json` are written (atomically) and the journal removed.
 The output's layout is described in docs/shards.md. `engine="dask"` decodes on a Dask cluster instead of
 the process pool and writes the same files (`dask_prepare.py`, docs/prepare_cluster.md).
+
+One run at a time writes into an OUT: another is refused at once (`output_lock.py`). The command stops
+on SIGINT (Ctrl-C) or SIGTERM with one line saying so and how to resume (exit status 128 + signal).
 """
 
 from __future__ import annotations
@@ -34,19 +37,22 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from avsync import __version__
-from avsync.data.cavmae import cavmae_frame_path, extract_cavmae_clip
+from avsync.data.cavmae import cavmae_frame_path, check_frame_folders, extract_cavmae_clip
 from avsync.data.clip import ExtractionOptions, extract_video_clip
 from avsync.data.errors import DecodeError
 from avsync.data.journal import Journal, JournalEntry, JournalMismatch
 from avsync.data.labels import ClassList, LabelError, clip_id_for_matching, read_labels_csv
+from avsync.data.output_lock import OutputInUse, OutputLock
 from avsync.data.parts import PARTS_DIR
 from avsync.data.schema import SCHEMA_VERSION, encode_sample, stable_json
 from avsync.data.shard_writer import ShardRecord, ShardWriter
@@ -63,6 +69,20 @@ log = logging.getLogger(__name__)
 
 class PrepareError(RuntimeError):
     """A problem with the run as a whole (arguments, output directory), as opposed to one input."""
+
+
+#: The signals that stop the command cleanly (a terminal's Ctrl-C; schedulers and `kill`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RESUME_HINT = "finished shards are kept: rerun the same command to resume"
+
+
+class Stopped(BaseException):
+    """A stop signal arrived. A `BaseException`, as `KeyboardInterrupt` is, so that no `except
+    Exception` on the way (a clip's decoding, in-process with one worker) takes it for a bad input."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -123,9 +143,49 @@ def prepare(
     pack = _engine(engine, workers, scheduler, partition_size)
     output = Path(output)
     _check_output(output)
+    with _claimed(output):
+        return _prepare_claimed(
+            inputs, output, labels, classes, options, shard_max_bytes, shard_max_clips, shuffle_seed,
+            overwrite, progress, content_hash, pack,
+        )  # fmt: skip
+
+
+@contextmanager
+def _claimed(output: Path) -> Iterator[None]:
+    """OUT, made if need be and locked for this run: a second run into it is refused at once, before
+    its listing (`output_lock.py`). An OUT made here that the run leaves empty is removed."""
+    made = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(output)
+    except OutputInUse as error:
+        raise PrepareError(str(error)) from None
+    except OSError as error:  # read-only or full file system, permissions
+        where = printable(str(error.filename)) if error.filename else output
+        raise PrepareError(
+            f"{where}: {error.strerror or error} (OUT must be a directory you can write)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if made:
+            with suppress(OSError):  # not empty: the run wrote something
+                output.rmdir()
+
+
+def _prepare_claimed(
+    inputs, output, labels, classes, options, shard_max_bytes, shard_max_clips, shuffle_seed, overwrite,
+    progress, content_hash, pack,
+) -> PrepareSummary:  # fmt: skip
+    """`prepare`, once OUT is locked."""
     try:
         discovery = discover(list(inputs))
         _report_listing(discovery)
+        datafiles = [
+            str(path) for path in inputs if Path(path).suffix.lower() == ".json" and Path(path).is_file()
+        ]
+        check_frame_folders(discovery.sources, options.num_frames, datafiles)
         class_list, items, label_failures = _resolve_labels(discovery.sources, labels, classes)
     except (InputError, LabelError, OSError) as error:
         raise PrepareError(str(error)) from error
@@ -142,9 +202,7 @@ def prepare(
         )  # fmt: skip
     except OSError as error:  # a full disk, a read-only or vanished output directory
         where = printable(str(error.filename)) if error.filename else output
-        raise PrepareError(
-            f"{where}: {error.strerror or error} (finished shards are kept: rerun the same command to resume)"
-        ) from error
+        raise PrepareError(f"{where}: {error.strerror or error} ({RESUME_HINT})") from error
 
 
 def _engine(engine: str, workers: int | None, scheduler, partition_size: int | None):
@@ -297,6 +355,9 @@ def process(item: WorkItem, options: ExtractionOptions) -> WorkResult:
         return WorkResult(None, _failure(source, where + error.reason))
     except Exception as error:  # an ffmpeg or library surprise on odd data: report it, keep going
         return WorkResult(None, _failure(source, f"unexpected {type(error).__name__}: {error}"))
+    broken = int(np.count_nonzero(~np.isfinite(clip.fbank)))
+    if broken:  # never in a shard, whatever the cause (`decode_audio` refuses the known ones)
+        return WorkResult(None, _failure(source, f"spectrogram holds {broken} NaN or infinite value(s)"))
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "id": printable(source.clip_id),
@@ -463,6 +524,7 @@ def _open_output(output: Path, fingerprint: str, overwrite: bool) -> list[Journa
 def _open_output_unchecked(output: Path, fingerprint: str, overwrite: bool) -> list[JournalEntry] | None:
     output.mkdir(parents=True, exist_ok=True)
     journal = Journal(output, fingerprint)
+    _refuse_foreign_manifest(output / MANIFEST_NAME)
     if overwrite:
         _clear(output, journal)
     manifest = output / MANIFEST_NAME
@@ -492,6 +554,20 @@ def _open_output_unchecked(output: Path, fingerprint: str, overwrite: bool) -> l
     if entries:
         log.info("resuming %s after %d finished shard(s)", output, len(entries))
     return entries
+
+
+def _refuse_foreign_manifest(manifest: Path) -> None:
+    """A `manifest.json` that reads as another program's JSON (not prepare's: no `fingerprint` and
+    `shards`) is not replaced, even with --overwrite; a damaged one (not JSON) is prepare's to rewrite."""
+    try:
+        stored = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not (isinstance(stored, dict) and {"fingerprint", "shards"} <= set(stored)):
+        raise PrepareError(
+            f"{manifest}: not a manifest of avsync prepare (no fingerprint and shards), so it is not "
+            "replaced, even with --overwrite; use a new directory"
+        )
 
 
 def _clear(output: Path, journal: Journal) -> None:
@@ -527,7 +603,7 @@ def _run(items: list[WorkItem], options: ExtractionOptions, workers: int) -> Ite
         while queue or in_flight:
             while queue and len(in_flight) < 4 * workers:
                 item = queue.popleft()
-                in_flight.append((item, pool.submit(process, item, options)))
+                in_flight.append((item, _submit(pool, item, options)))
             item, future = in_flight.popleft()
             try:
                 yield future.result()
@@ -539,7 +615,7 @@ def _run(items: list[WorkItem], options: ExtractionOptions, workers: int) -> Ite
             pool.shutdown(cancel_futures=True)
             pool = _new_pool(workers)
             try:  # alone in a fresh pool: did this input crash the decoder?
-                yield pool.submit(process, item, options).result()
+                yield _submit(pool, item, options).result()
             except BrokenProcessPool:
                 pool.shutdown(cancel_futures=True)
                 pool = _new_pool(workers)
@@ -557,7 +633,33 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+def _submit(pool: ProcessPoolExecutor, item: WorkItem, options: ExtractionOptions):
+    """`pool.submit`, with SIGINT and SIGTERM held meanwhile: a submit may start a worker process,
+    which inherits them held until `_init_worker` ignores them (a Ctrl-C at that moment would
+    otherwise print the traceback of a half-started worker)."""
+    with _signals_held():
+        return pool.submit(process, item, options)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _init_worker(parent_pid: int | None = None) -> None:
+    # Stopping is the parent's decision (a Ctrl-C reaches every process of the terminal's group): it
+    # shuts the pool down once the current clips are done; a killed parent takes the workers along.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if parent_pid is not None:
         exit_with_parent(parent_pid)
     import torch
@@ -611,6 +713,8 @@ def _preprocessing(options: ExtractionOptions) -> dict:
         **options.as_dict(),
         "frame_rule": "frame i: first frame shown at or after i * D / num_frames (D: video stream duration)",
         "frame_resize": "PIL bicubic to short side <= short_side, never upscaled",
+        "frame_orientation": "upright: the display matrix's quarter turns and mirrors applied, as ffmpeg's "
+        "autorotate does (metadata: rotation, mirrored)",
         "frame_format": "JPEG",
         "audio": "PyAV decode, libswresample to fbank.sample_rate per channel, then mono; DC removed",
         "fbank_dtype": "float16",
@@ -634,6 +738,28 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into `Stopped` for the block: the run unwinds (pool or cluster shut
+    down, the unfinished shard dropped, OUT unlocked) and `main` says so in one line. A second signal
+    ends the process at once (what it wrote is as safe as after `kill -9`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_DFL)
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -653,26 +779,30 @@ def main(argv: list[str] | None = None) -> int:
         allow_silent=args.allow_silent,
     )
     try:
-        summary = prepare(
-            args.inputs,
-            args.output,
-            labels=args.labels,
-            classes=args.classes,
-            options=options,
-            shard_max_bytes=args.shard_max_bytes,
-            shard_max_clips=args.shard_max_clips,
-            workers=args.workers,
-            shuffle_seed=None if args.keep_order else args.shuffle_seed,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            content_hash=args.content_hash,
-            engine=args.engine,
-            scheduler=args.scheduler,
-            partition_size=args.partition_size,
-        )
+        with _stop_on_signals():
+            summary = prepare(
+                args.inputs,
+                args.output,
+                labels=args.labels,
+                classes=args.classes,
+                options=options,
+                shard_max_bytes=args.shard_max_bytes,
+                shard_max_clips=args.shard_max_clips,
+                workers=args.workers,
+                shuffle_seed=None if args.keep_order else args.shuffle_seed,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                content_hash=args.content_hash,
+                engine=args.engine,
+                scheduler=args.scheduler,
+                partition_size=args.partition_size,
+            )
     except PrepareError as error:
         print(f"avsync prepare: error: {error}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"avsync prepare: stopped by {stop} ({RESUME_HINT})", file=sys.stderr)
+        return 128 + stop.signum
     print(
         f"{summary.clips} clip(s) in {len(summary.shards)} shard(s) at {summary.output}; "
         f"{summary.failures} input(s) skipped (see {summary.output / FAILURES_NAME})",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import PurePosixPath
@@ -35,12 +36,15 @@ from avsync.data.transforms import AudioAugmentation, AudioWindows, frames_to_pi
 
 SampleShape = Literal["train", "eval"]
 LabelFormat = Literal["multi_hot", "index"]
+#: The member names `frame_field` gives.
+_FRAME_MEMBER = re.compile(r"f\d{2,}\.jpg")
 
 
 class ClipDecoder:
     """Callable turning one raw sample into an example dict; raises `SampleError` (with a `reason`
     from `SKIP_REASONS`) on anything the model cannot take, so that the pipeline's handler skips and
-    counts the sample instead of a batch failing to stack or training on padding: members missing,
+    counts the sample instead of a batch failing to stack or training on padding: a frame count in the
+    metadata beyond the sample's members (checked before the count sizes anything), members missing,
     member names reaching outside the shard (`../`, absolute), undecodable JPEGs or arrays, a
     spectrogram that is not float `(S, mel_bins)`, is shorter than `min_audio_frames` rows, disagrees
     with the length its metadata records, or holds NaN/inf, and labels outside the class range.
@@ -102,6 +106,11 @@ class ClipDecoder:
         metadata = _metadata(sample[METADATA_FIELD])
         stored = metadata["num_frames"]
         stride = self._stride(metadata)
+        if stored > len(sample):  # before `stored` sizes anything: the sample's own members bound it
+            frames = sum(1 for name in sample if _FRAME_MEMBER.fullmatch(name))
+            raise BadSample(
+                "frame count", f"metadata says {stored} frames, the sample holds {frames} frame members"
+            )
         absent = [frame_field(i) for i in range(stored) if frame_field(i) not in sample]
         if absent:
             raise BadSample(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,14 @@ class ShardWriter:
         return ShardRecord(name=self.path.name, clips=self.clips, bytes=size, sha256=digest.hexdigest())
 
     def abandon(self) -> None:
-        """Drop the unfinished shard (used when a run stops early)."""
-        self._file.close()
+        """Drop the unfinished shard (used when a run stops early, a full disk included).
+
+        The tar stream is closed too, or its buffer would be written to the closed file when it is
+        collected ("Exception ignored ... write to closed file" after the run's error); errors of the
+        writes that closing still makes (the disk is full) do not matter: the file is deleted.
+        """
+        with suppress(OSError, ValueError):
+            self._tar.close()
+        with suppress(OSError):
+            self._file.close()
         self.temporary.unlink(missing_ok=True)

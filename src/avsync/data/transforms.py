@@ -13,7 +13,8 @@ DataLoader worker) and applied exactly as torchvision does.
 Audio: the window that goes with frame `i` (`avsync.data.alignment`) is cut from the raw clip
 spectrogram, then normalized `(x - mean) / std`. In `clip` alignment the part of a window outside the
 clip is filled with `mean` before normalizing, i.e. with 0 after: the dataset mean, not a made-up
-sound. Training may mask frequency bands and time spans (set to 0, the mean) and add noise.
+sound. Training may mask frequency bands and time spans (set to 0, the mean), add noise, and shift
+each window in time (CAV-MAE's random time shift, `random_time_shift`).
 """
 
 from __future__ import annotations
@@ -158,17 +159,37 @@ class AudioWindows:
         return aligned_windows(normalized, self.num_frames, self.window_length, self.alignment, 0.0)
 
 
-class AudioAugmentation:
-    """SpecAugment-style masking (torchaudio) and Gaussian noise on a normalized `(L, mel)` window."""
+def random_time_shift(windows: torch.Tensor) -> torch.Tensor:
+    """CAV-MAE's random time shift (`src/dataloader.py`, `AudiosetDataset.__getitem__`, under `noise`):
+    each normalized model input `(L, mel)` rolled circularly along time by `k` drawn uniformly from
+    `[-L, L)` (numpy's `randint(-L, L)`; here torch's RNG, seeded per DataLoader worker).
 
-    def __init__(self, freq_mask: int = 0, time_mask: int = 0, noise_std: float = 0.0) -> None:
+    CAV-MAE's input is the whole clip (`L` = 1024); CAV-MAE Sync's is the window aligned with one frame,
+    so the window is what rolls: rolling the clip before cutting would pair the frame with other moments'
+    audio. `(..., L, mel)`: every window draws its own shift."""
+    length = windows.shape[-2]
+    flat = windows.reshape(-1, length, windows.shape[-1])
+    shifts = torch.randint(-length, length, (flat.shape[0],)).tolist()
+    rolled = [torch.roll(window, shift, dims=0) for window, shift in zip(flat, shifts, strict=True)]
+    return torch.stack(rolled).view(windows.shape)
+
+
+class AudioAugmentation:
+    """SpecAugment-style masking (torchaudio), Gaussian noise and the random time shift, in that order, on
+    normalized `(..., L, mel)` windows; the shift comes last, as in CAV-MAE."""
+
+    def __init__(
+        self, freq_mask: int = 0, time_mask: int = 0, noise_std: float = 0.0, time_shift: bool = False
+    ) -> None:
         self.freq_mask = audio_transforms.FrequencyMasking(freq_mask) if freq_mask > 0 else None
         self.time_mask = audio_transforms.TimeMasking(time_mask) if time_mask > 0 else None
-        self.noise_std = noise_std
+        self.noise_std, self.time_shift = noise_std, time_shift
 
     @property
     def active(self) -> bool:
-        return self.freq_mask is not None or self.time_mask is not None or self.noise_std > 0
+        return (
+            self.freq_mask is not None or self.time_mask is not None or self.noise_std > 0 or self.time_shift
+        )
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         spectrogram = window.transpose(-1, -2)  # torchaudio masks (..., freq, time)
@@ -179,4 +200,6 @@ class AudioAugmentation:
         window = spectrogram.transpose(-1, -2)
         if self.noise_std > 0:
             window = window + self.noise_std * torch.randn_like(window)
+        if self.time_shift:
+            window = random_time_shift(window)
         return window

@@ -7,6 +7,10 @@ otherwise the stream is truncated. Timestamps are compared exactly (`Fraction`s 
 base), so variable frame rate and a non-zero `start_time` need no special case, and the actual time of
 every chosen frame is returned.
 
+Orientation: a display matrix (phones write one, e.g. a rotation of -90 degrees for a portrait video
+stored landscape) is applied to every frame as ffmpeg's autorotate does (quarter turns and mirrors), so
+frames are returned upright; `SampledFrames` says what was applied.
+
 Seeking: the stream's keyframe index (mp4, mkv, avi, ... carry one) tells whether a keyframe lies
 between the frames already decoded and the next target; only then does the reader seek, so it never
 decodes much more than a forward pass and skips whole groups of pictures in long clips. A seek that
@@ -17,6 +21,7 @@ decoding from the start. Streams without an index are decoded forward.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -25,6 +30,8 @@ from pathlib import Path
 import av
 import av.container
 import numpy as np
+from av.sidedata.sidedata import Type
+from PIL import Image
 
 from avsync.data.errors import DecodeError
 from avsync.data.images import shrink
@@ -32,10 +39,61 @@ from avsync.data.images import shrink
 
 @dataclass
 class SampledFrames:
-    """`images[i]`: RGB `uint8` `(H, W, 3)` for `targets[i]`; `times[i]`: its presentation time (s)."""
+    """`images[i]`: RGB `uint8` `(H, W, 3)` for `targets[i]`, upright; `times[i]`: its presentation time
+    (s). `rotation`: the display matrix's rotation that was applied, in degrees counterclockwise as
+    ffprobe and PyAV report it (-90: turned a quarter clockwise); `mirrored`: it also mirrored them."""
 
     images: list[np.ndarray]
     times: list[float]
+    rotation: int = 0
+    mirrored: bool = False
+
+    def upright(self, width: int, height: int) -> tuple[int, int]:
+        """`(width, height)` of a source frame as shown: swapped by a quarter turn."""
+        return (height, width) if self.rotation % 180 else (width, height)
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """What a frame's display matrix asks for: `steps` (PIL transposes, in order) and how ffprobe
+    describes it (`rotation`, degrees counterclockwise, and whether it mirrors)."""
+
+    steps: tuple[Image.Transpose, ...] = ()
+    rotation: int = 0
+    mirrored: bool = False
+
+
+def orientation(frame: av.VideoFrame, path: str | Path) -> Orientation:
+    """The transform that shows `frame` upright, chosen as ffmpeg's autorotate chooses it (fftools:
+    quarter turns with the matrix's mirror folded in, `transpose` / `hflip` / `vflip`); a rotation by
+    another angle is refused (`DecodeError`) rather than stored sideways."""
+    data = frame.side_data.get(Type.DISPLAYMATRIX)
+    if data is None:
+        return Orientation()
+    m = np.frombuffer(bytes(data), dtype=np.int32)  # 3x3 row-major, a b u / c d v / x y w; 16.16 fixed
+    a, b, c, d = (float(v) / 65536 for v in (m[0], m[1], m[3], m[4]))
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if scale_x == 0 or scale_y == 0:
+        return Orientation()  # a degenerate matrix: ffmpeg ignores it too
+    rotation = -math.degrees(math.atan2(b / scale_y, a / scale_x))  # av_display_rotation_get
+    clockwise = -round(rotation) % 360
+    mirrored = a * d - b * c < 0
+    transpose = Image.Transpose
+    if clockwise == 90:
+        steps = (transpose.TRANSPOSE,) if m[3] > 0 else (transpose.ROTATE_270,)
+    elif clockwise == 180:
+        steps = ((transpose.FLIP_LEFT_RIGHT,) if m[0] < 0 else ()) + (
+            (transpose.FLIP_TOP_BOTTOM,) if m[4] < 0 else ()
+        )
+    elif clockwise == 270:
+        steps = (transpose.TRANSVERSE,) if m[3] < 0 else (transpose.ROTATE_90,)
+    elif clockwise == 0:
+        steps = (transpose.FLIP_TOP_BOTTOM,) if m[4] < 0 else ()
+    else:
+        raise DecodeError(
+            path, f"the display matrix rotates the video by {round(rotation)} degrees, not a quarter turn"
+        )
+    return Orientation(steps, {0: 0, 90: -90, 180: 180, 270: 90}[clockwise], mirrored)
 
 
 def sample_frames(
@@ -53,17 +111,19 @@ def sample_frames(
     if list(targets) != sorted(targets):
         raise ValueError("targets must be ascending")
     reader = _FrameReader(container, path, video_start)
-    images, times = [], []
+    images, times, orientations = [], [], []
     try:
         for target in targets:
             frame, time = reader.frame_at(target)
-            images.append(_to_rgb(frame, short_side, path))
+            orientations.append(orientation(frame, path))
+            images.append(_to_rgb(frame, short_side, path, orientations[-1]))
             times.append(float(time))
     finally:
         # The decoding generator refers back to its reader: close it now, so no cycle keeps a codec
         # context alive as garbage that a forked worker might collect (and crash on) later.
         reader.frames.close()
-    return SampledFrames(images=images, times=times)
+    first = orientations[0] if orientations else Orientation()
+    return SampledFrames(images=images, times=times, rotation=first.rotation, mirrored=first.mirrored)
 
 
 class _FrameReader:
@@ -154,9 +214,14 @@ class _FrameReader:
         return time + period >= target
 
 
-def _to_rgb(frame: av.VideoFrame, short_side: int | None, path: str | Path) -> np.ndarray:
+def _to_rgb(
+    frame: av.VideoFrame, short_side: int | None, path: str | Path, upright: Orientation = Orientation()
+) -> np.ndarray:
     try:
         image = frame.to_image()  # RGB, converted with the frame's own colorspace
     except (av.FFmpegError, ValueError) as error:
         raise DecodeError(path, f"cannot convert a video frame to RGB: {error}") from error
-    return np.asarray(shrink(image, short_side))
+    image = shrink(image, short_side)  # the short side is the same either way up
+    for step in upright.steps:  # exact pixel moves, after the resize: fewer pixels to move
+        image = image.transpose(step)
+    return np.asarray(image)

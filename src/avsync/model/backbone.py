@@ -8,11 +8,12 @@ fused pass feeds the decoder, the per-modality passes give the global tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from avsync.config_checks import ConfigError, check_count, check_number
 from avsync.model.decoder import Decoder
 from avsync.model.embeddings import (
     ModalityTokenizer,
@@ -31,6 +32,11 @@ from avsync.objectives import InfoNCE, masked_mse
 from avsync.onednn import use_device_kernels
 
 Modality = Literal["audio", "video"]
+#: Where `encode` reads its features: after the joint layer and its modality LayerNorm (retrieval,
+#: localization, the contrastive objective), or as the modality encoders leave them (the authors'
+#: classifier, `CAVMAEFT`, which the paper's linear probing uses).
+FeatureLayer = Literal["joint", "encoder"]
+FEATURE_LAYERS: tuple[FeatureLayer, ...] = ("joint", "encoder")
 
 
 @dataclass
@@ -38,7 +44,8 @@ class Embeddings:
     """Unmasked features of `encode`. Leading dims follow the input: `(B,)` or `(B, T)`.
 
     `global_*` `(..., D)`: the global tokens after the joint layer and the modality LayerNorm (what
-    retrieval and classification use); `patches_*` `(..., N, D)`: normalized patch tokens of the same
+    retrieval uses), or with `encode(layer="encoder")` as they leave the modality encoder, without a
+    LayerNorm (what the authors' classifier reads); `patches_*` `(..., N, D)`: patch tokens of the same
     pass (localization); `registers_*` `(..., R, D)`: register tokens as they leave the modality encoder.
     A modality that was not given is `None`.
     """
@@ -101,6 +108,8 @@ class CAVMAESync(nn.Module):
         contrastive_weight, reconstruction_weight: λc and λr.
         temperature: InfoNCE temperature (fixed, not learned).
         bidirectional_contrast: average both InfoNCE directions.
+        learned_positions: positional tables as parameters (starting from the fixed sin-cos ones), as
+            the authors' `tr_pos=True` (the default of their classifier `CAVMAEFT`); off in pretraining.
     """
 
     def __init__(
@@ -128,14 +137,13 @@ class CAVMAESync(nn.Module):
         reconstruction_weight: float = 1.0,
         temperature: float = 0.05,
         bidirectional_contrast: bool = False,
+        learned_positions: bool = False,
     ):
         super().__init__()
-        if embed_dim % num_heads or decoder_dim % decoder_heads:
-            raise ValueError(
-                f"width must divide into heads: embed_dim={embed_dim}, num_heads={num_heads}, "
-                f"decoder_dim={decoder_dim}, decoder_heads={decoder_heads}"
-            )
+        _check_settings(locals())  # ConfigError naming the key, before any layer is built
         self.config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        if not learned_positions:  # recorded only when set, so that other models' fingerprints stay
+            del self.config["learned_positions"]
         self.image_size, self.patch_size = image_size, patch_size
         self.mel_bins, self.audio_length = mel_bins, audio_length
         self.embed_dim = embed_dim
@@ -144,8 +152,12 @@ class CAVMAESync(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.contrastive_weight, self.reconstruction_weight = contrastive_weight, reconstruction_weight
 
-        self.audio_tokenizer = ModalityTokenizer(mel_bins, audio_length, 1, patch_size, embed_dim)
-        self.video_tokenizer = ModalityTokenizer(image_size, image_size, 3, patch_size, embed_dim)
+        self.audio_tokenizer = ModalityTokenizer(
+            mel_bins, audio_length, 1, patch_size, embed_dim, learned_positions
+        )
+        self.video_tokenizer = ModalityTokenizer(
+            image_size, image_size, 3, patch_size, embed_dim, learned_positions
+        )
         self.global_tokens = GlobalTokens(embed_dim, enabled=global_token)
         self.registers = Registers(embed_dim, num_registers)
         self.audio_encoder = stack(encoder_depth, embed_dim, num_heads, mlp_ratio)
@@ -160,6 +172,7 @@ class CAVMAESync(nn.Module):
             video_grid=self.video_tokenizer.grid,
             patch_size=patch_size,
             mlp_ratio=mlp_ratio,
+            learned_positions=learned_positions,
         )
         self.contrastive = InfoNCE(temperature, bidirectional_contrast)
         self._init_weights()
@@ -187,8 +200,11 @@ class CAVMAESync(nn.Module):
         return load_authors_checkpoint(path_or_state_dict, **authors_kwargs)
 
     def _init_weights(self) -> None:
-        """The authors' initialization: xavier-uniform linears (and patch convolutions seen as
-        linears), zero biases, unit LayerNorms, N(0, 0.02) modality embeddings and mask token."""
+        """The authors' initialization (`CAVMAE.initialize_weights` and `_init_weights`): xavier-uniform
+        linears (and patch convolutions seen as linears), zero biases, unit LayerNorms, N(0, 0.02)
+        modality embeddings and mask token. The global tokens are drawn N(0, 0.02) and the registers
+        N(0, 1) where they are made (`global_token.py`, `registers.py`); the patch convolutions' biases
+        keep PyTorch's default, as theirs do. `tests/model/test_init_and_loading.py` checks each."""
         self.apply(init_like_authors)
         for tokenizer in (self.audio_tokenizer, self.video_tokenizer):
             weight = tokenizer.patch_embed.proj.weight
@@ -232,11 +248,19 @@ class CAVMAESync(nn.Module):
         return self.registers.drop(encoder(tokens))
 
     # ------------------------------------------------------------------ inference
-    def encode(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None) -> Embeddings:
+    def encode(
+        self,
+        audio: torch.Tensor | None = None,
+        video: torch.Tensor | None = None,
+        layer: FeatureLayer = "joint",
+    ) -> Embeddings:
         """Unmasked features. `audio` `(B, L, mel)` or `(B, T, L, mel)`; `video` `(B, 3, H, W)` or
-        `(B, T, 3, H, W)`. Either may be None; neither the decoder nor the fused joint pass runs."""
+        `(B, T, 3, H, W)`. Either may be None; neither the decoder nor the fused joint pass runs.
+        `layer="encoder"` skips the joint layer too: the tokens as the modality encoders leave them."""
         if audio is None and video is None:
             raise ValueError("encode needs audio, video or both")
+        if layer not in FEATURE_LAYERS:
+            raise ValueError(f"layer must be one of {list(FEATURE_LAYERS)}, got {layer!r}")
         self._check_inputs(audio, video)
         lead = audio.shape[:-2] if audio is not None else video.shape[:-3]
         if audio is not None and video is not None and video.shape[:-3] != lead:
@@ -258,7 +282,9 @@ class CAVMAESync(nn.Module):
                 }
                 continue
             sequence, registers = self._encode_modality(patches, modality)
-            summary, patch_features = self.global_tokens.split(self.joint.modality(sequence, modality))
+            if layer == "joint":
+                sequence = self.joint.modality(sequence, modality)
+            summary, patch_features = self.global_tokens.split(sequence)
             out[f"global_{modality}"] = summary.reshape(*lead, -1)
             out[f"patches_{modality}"] = patch_features.reshape(*lead, *patch_features.shape[1:])
             out[f"registers_{modality}"] = registers.reshape(*lead, *registers.shape[1:])
@@ -341,3 +367,37 @@ class CAVMAESync(nn.Module):
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor, **noise) -> PretrainOutput:
         return self.pretrain_loss(audio, video, **noise)
+
+
+def _check_settings(settings: dict) -> None:
+    """Refuse a backbone no run can use (`ConfigError`, naming the key) before any layer is built: these
+    used to fail as tracebacks of the layers (a zero division, timm's shape errors) or, for a mask ratio of
+    1, only at the first training step."""
+    owner = "CAVMAESync"
+    for name in ("image_size", "patch_size", "mel_bins", "audio_length", "embed_dim", "num_heads"):
+        check_count(owner, name, settings[name], 1)
+    for name in ("decoder_dim", "decoder_heads"):
+        check_count(owner, name, settings[name], 1)
+    for name in ("encoder_depth", "joint_depth", "decoder_depth", "num_registers", "contrastive_head_depth"):
+        check_count(owner, name, settings[name], 0)
+    check_number(owner, "mlp_ratio", settings["mlp_ratio"], 0, low_open=True)
+    check_number(owner, "temperature", settings["temperature"], 0, low_open=True)
+    for name in ("mask_ratio_audio", "mask_ratio_video"):  # 1.0 would leave no patch to encode
+        check_number(owner, name, settings[name], 0, 1, high_open=True)
+    for name in ("contrastive_weight", "reconstruction_weight"):
+        check_number(owner, name, settings[name], 0)
+    mode, modes = settings["audio_mask_mode"], get_args(AudioMaskMode)
+    if mode not in modes:
+        raise ConfigError(f"{owner}: audio_mask_mode {mode!r} is not a masking mode; use one of {modes}")
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+        if settings[width] % settings[heads] or settings[width] % 4:
+            raise ConfigError(
+                f"{owner}: {width}={settings[width]} must divide into {heads}={settings[heads]} heads and be "
+                "a multiple of 4 (2-D sin-cos positions)"
+            )
+    for name in ("image_size", "mel_bins", "audio_length"):
+        if settings[name] % settings["patch_size"]:
+            raise ConfigError(
+                f"{owner}: {name}={settings[name]} is not a whole number of "
+                f"patch_size={settings['patch_size']} patches"
+            )

@@ -22,6 +22,7 @@ class Decoder(nn.Module):
         patch_size: int,
         video_channels: int = 3,
         mlp_ratio: float = 4.0,
+        learned_positions: bool = False,
     ):
         super().__init__()
         self.num_audio_patches = audio_grid[0] * audio_grid[1]
@@ -29,8 +30,12 @@ class Decoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.modality_audio = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.modality_video = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("pos_audio", sincos_2d(decoder_dim, *audio_grid)[None], persistent=False)
-        self.register_buffer("pos_video", sincos_2d(decoder_dim, *video_grid)[None], persistent=False)
+        for name, grid in (("pos_audio", audio_grid), ("pos_video", video_grid)):
+            positions = sincos_2d(decoder_dim, *grid)[None]
+            if learned_positions:  # the authors' tr_pos=True (see ModalityTokenizer)
+                self.register_parameter(name, nn.Parameter(positions))
+            else:
+                self.register_buffer(name, positions, persistent=False)
         self.blocks = stack(depth, decoder_dim, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(decoder_dim)
         self.predict_audio = nn.Linear(decoder_dim, patch_size**2)

@@ -31,9 +31,21 @@ def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
 
 
 class ModalityTokenizer(nn.Module):
-    """Image-like input `(B, C, H, W)` -> tokens `(B, H/p * W/p, D)` with positions and modality added."""
+    """Image-like input `(B, C, H, W)` -> tokens `(B, H/p * W/p, D)` with positions and modality added.
 
-    def __init__(self, height: int, width: int, in_channels: int, patch_size: int, embed_dim: int):
+    `learned_positions`: the sin-cos table is a parameter (trained, and stored in the state dict), as
+    with the authors' `tr_pos=True`; otherwise a fixed buffer, rebuilt rather than stored.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        in_channels: int,
+        patch_size: int,
+        embed_dim: int,
+        learned_positions: bool = False,
+    ):
         super().__init__()
         if height % patch_size or width % patch_size:
             raise ValueError(
@@ -48,7 +60,11 @@ class ModalityTokenizer(nn.Module):
             strict_img_size=True,
         )
         self.modality = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
+        positions = sincos_2d(embed_dim, *self.grid)[None]
+        if learned_positions:
+            self.pos_embed = nn.Parameter(positions)
+        else:
+            self.register_buffer("pos_embed", positions, persistent=False)
 
     @property
     def num_patches(self) -> int:

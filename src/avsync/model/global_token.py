@@ -10,15 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: Standard deviation of the initial global tokens. The authors create `cls_token_a` / `cls_token_v`
+#: with `randn` and then re-draw them from N(0, 0.02) in `initialize_weights()`, which `__init__` calls
+#: (edsonroteia/cav-mae-sync, `src/models/cav_mae_sync.py`, `CAVMAE` and `CAVMAEFT`); their register
+#: tokens keep `randn`'s N(0, 1) (`registers.py`).
+INIT_STD = 0.02
+
 
 class GlobalTokens(nn.Module):
-    def __init__(self, embed_dim: int, enabled: bool = True):
+    def __init__(self, embed_dim: int, enabled: bool = True, init_std: float = INIT_STD):
         super().__init__()
         self.enabled = enabled
         if enabled:
-            # The authors draw these from N(0, 1) and never re-initialize them.
-            self.audio = nn.Parameter(torch.randn(1, 1, embed_dim))
-            self.video = nn.Parameter(torch.randn(1, 1, embed_dim))
+            # A scaled `randn`: the authors' distribution with one draw instead of their two, so a
+            # seeded model's other weights do not depend on `init_std`.
+            self.audio = nn.Parameter(torch.randn(1, 1, embed_dim) * init_std)
+            self.video = nn.Parameter(torch.randn(1, 1, embed_dim) * init_std)
 
     @property
     def count(self) -> int:
@@ -35,8 +42,9 @@ class GlobalTokens(nn.Module):
         """The sequence without its global token."""
         return tokens[:, self.count :]
 
-    def split(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(global (B, D), patches (B, N, D))` from a normalized `[global, patches...]` sequence."""
-        patches = self.patches(normalized)
-        summary = normalized[:, 0] if self.enabled else patches.mean(dim=1)
+    def split(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(global (B, D), patches (B, N, D))` from a `[global, patches...]` sequence (normalized after
+        the joint layer, or as a modality encoder leaves it)."""
+        patches = self.patches(sequence)
+        summary = sequence[:, 0] if self.enabled else patches.mean(dim=1)
         return summary, patches

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from avsync.checkpoint_io import CheckpointError, read_weights, state_dict_of
+from avsync.checkpoint_io import CheckpointError, check_finite, read_weights, state_dict_of
 from avsync.model.backbone import CAVMAESync
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ AUTHORS_ARGUMENTS = {
     "num_register_tokens": "num_registers",
     "cls_token": "global_token",
     "norm_pix_loss": "norm_pix_loss",
+    "tr_pos": "learned_positions",
 }
 #: Authors' arguments that do not change the backbone (data or training settings).
 AUTHORS_IGNORED_ARGUMENTS = {"total_frame", "in_chans"}
@@ -89,7 +90,6 @@ AUTHORS_UNSUPPORTED_SWITCHES = {
     "drops them after it; avsync drops them before it, as the released model does",
     "global_local_losses": "the authors' training then averages the InfoNCE of the global tokens with that "
     "of the mean-pooled patch tokens; avsync contrasts the global tokens only",
-    "tr_pos": "learned positions; avsync positions are fixed sin-cos",
 }
 
 
@@ -122,7 +122,8 @@ def authors_key(key: str) -> str:
     """The authors' name of an avsync state-dict key (the key itself when there is no counterpart)."""
     if key in ("registers.audio", "registers.video"):
         return "register_tokens"
-    return _translate(key, AVSYNC_TO_AUTHORS) or key
+    fixed = {avsync: authors for authors, avsync in AUTHORS_FIXED.items()}
+    return fixed.get(key) or _translate(key, AVSYNC_TO_AUTHORS) or key
 
 
 def format_name(state: dict[str, torch.Tensor]) -> str:
@@ -236,6 +237,13 @@ def convert_authors_state_dict(
     for key, tensor in state.items():
         if AUTHORS_UNUSED.fullmatch(key):
             continue
+        if key in AUTHORS_FIXED and AUTHORS_FIXED[key] in expected:  # learned positions: weights
+            target = AUTHORS_FIXED[key]
+            if tensor.shape != expected[target].shape:
+                wrong_shape.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[target].shape)}")
+            else:
+                converted[target] = tensor
+            continue
         if key in AUTHORS_FIXED:
             reference = buffers[AUTHORS_FIXED[key]]
             if tensor.shape != reference.shape or (
@@ -271,7 +279,10 @@ def convert_authors_state_dict(
     if wrong_shape:
         problems.append(f"wrong shapes {wrong_shape}")
     if wrong_fixed:
-        problems.append(f"positional tables that are not the fixed sin-cos ones: {wrong_fixed}")
+        problems.append(
+            f"positional tables that are not the fixed sin-cos ones: {wrong_fixed} (learned positions: "
+            "pass tr_pos=True)"
+        )
     if problems:
         raise CheckpointError(f"{source}: cannot load as {format_name(state)}: " + "; ".join(problems))
     return converted
@@ -315,7 +326,162 @@ def load_authors_checkpoint(path_or_state_dict, *, source: str | None = None, **
     return model
 
 
+# ------------------------------------------------------------------------- the authors' classifier
+
+#: The authors' classifier head (`CAVMAEFT` with `aggregate="self_attention_cls"`) -> `ProbeHead` keys.
+AUTHORS_CLASSIFIER_RULES: list[tuple[str, str]] = [
+    (r"cls_cls_token", "cls"),
+    (rf"classifier_layers\.(\d+)\.{_BLOCK}\.{_LEAF}", r"blocks.\1.\2.\3"),
+    (rf"classifier_norm\.{_LEAF}", r"norm.\1"),
+    (rf"classifier_head\.{_LEAF}", r"classifier.\1"),
+]
+AUTHORS_CLASSIFIER_UNUSED = re.compile(rf"classifier_layers\.\d+\.norm[12]_[av]\.{_LEAF}")
+#: `CAVMAEFT` arguments that shape its classifier (or its use of the backbone), not the backbone.
+AUTHORS_CLASSIFIER_ARGUMENTS = {"label_dim", "aggregate", "mode", "joint_layers", "contrastive_head"}
+_HEAD_ENDS, _LEAVES = (("norm", "norm"), ("head", "classifier")), ("weight", "bias")
+#: The decoder width given to a backbone loaded from a classifier file (which holds no decoder).
+_ABSENT_DECODER_DIM = 32
+
+
+@dataclass
+class AuthorsClassifier:
+    """The authors' `CAVMAEFT` file in avsync's terms: the backbone and a `ProbeHead`'s weights.
+
+    The probe must read the tokens their classifier reads, `layer="encoder"` (`a[:, 0]`, `v[:, 0]` as
+    the modality encoders leave them). The file holds no decoder: `backbone` has an inert one (no
+    blocks, zero weights), so that it is a complete and deterministic `CAVMAESync`.
+    """
+
+    backbone: CAVMAESync
+    head_config: dict  # `ProbeHead` constructor arguments
+    head_state: dict[str, torch.Tensor]  # `ProbeHead` state dict
+
+
+def _absent_decoder(state: dict[str, torch.Tensor], learned_positions: bool) -> dict[str, torch.Tensor]:
+    """Zero decoder tensors, under the authors' names, for a file without a decoder (positional tables
+    too when they are weights; fixed ones are rebuilt)."""
+    embed_dim, channels, patch, _ = state["patch_embed_v.proj.weight"].shape
+    width = _ABSENT_DECODER_DIM
+    positions = {
+        f"decoder_{name}": torch.zeros(1, state[name].shape[1], width)
+        for name in ("pos_embed_a", "pos_embed_v")
+        if learned_positions and name in state
+    }
+    return positions | {
+        "decoder_embed.weight": torch.zeros(width, embed_dim),
+        "decoder_embed.bias": torch.zeros(width),
+        "mask_token": torch.zeros(1, 1, width),
+        "decoder_modality_a": torch.zeros(1, 1, width),
+        "decoder_modality_v": torch.zeros(1, 1, width),
+        "decoder_norm.weight": torch.ones(width),
+        "decoder_norm.bias": torch.zeros(width),
+        "decoder_pred_a.weight": torch.zeros(patch * patch, width),
+        "decoder_pred_a.bias": torch.zeros(patch * patch),
+        "decoder_pred_v.weight": torch.zeros(patch * patch * channels, width),
+        "decoder_pred_v.bias": torch.zeros(patch * patch * channels),
+    }
+
+
+def load_authors_classifier(
+    path_or_state_dict, *, source: str | None = None, **authors_kwargs
+) -> AuthorsClassifier:
+    """The authors' classifier (`CAVMAEFT`, `aggregate="self_attention_cls"`, `mode="multimodal"`: a CLS
+    token, blocks and a linear layer over the per-frame `[g_a, g_v]`) as a backbone and a probe head.
+
+    `authors_kwargs` are `CAVMAEFT`'s constructor arguments (`num_heads` sets the head's attention
+    heads too, as in theirs). Their other heads and modes read other tokens and are refused.
+    """
+    source = source or "state dict"
+    if isinstance(path_or_state_dict, (str, Path)):
+        source = str(path_or_state_dict)
+        path_or_state_dict = read_weights(path_or_state_dict)
+    state = strip_prefix(state_dict_of(path_or_state_dict, source))
+    aggregate, mode = authors_kwargs.get("aggregate", "self_attention_cls"), authors_kwargs.get("mode")
+    if aggregate != "self_attention_cls" or "cls_cls_token" not in state:
+        held = "holds" if "cls_cls_token" in state else "lacks"
+        raise CheckpointError(
+            f"{source}: not the authors' self_attention_cls classifier (aggregate={aggregate!r}, the file "
+            f"{held} cls_cls_token); only that head is supported"
+        )
+    if mode not in (None, "multimodal"):
+        raise CheckpointError(
+            f"{source}: mode={mode!r} is not supported: the authors' classifier then reads the mean of "
+            "the joint layer's output, not the global tokens; only mode='multimodal' is"
+        )
+    if authors_kwargs.get("joint_layers", 1) > 1:
+        authors_kwargs.pop("modality_specific_depth", None)  # the weights tell both depths
+    head_keys = {k for k in state if k == "cls_cls_token" or k.startswith("classifier_")}
+    head_state, unexpected = {}, []
+    for key in sorted(head_keys):
+        if AUTHORS_CLASSIFIER_UNUSED.fullmatch(key):
+            continue
+        target = _translate(key, AUTHORS_CLASSIFIER_RULES)
+        if target is None:
+            unexpected.append(key)
+        else:
+            head_state[target] = state[key]
+    required = {
+        "cls_cls_token": "cls",
+        **{f"classifier_{part}.{leaf}": f"{name}.{leaf}" for part, name in _HEAD_ENDS for leaf in _LEAVES},
+    }
+    missing = sorted(authors for authors, ours in required.items() if ours not in head_state)
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{source}: cannot load the classifier: unexpected keys {unexpected}, missing {missing}"
+        )
+    backbone_kwargs = {k: v for k, v in authors_kwargs.items() if k not in AUTHORS_CLASSIFIER_ARGUMENTS}
+    backbone_kwargs.setdefault("tr_pos", True)  # CAVMAEFT's default: its positional tables are weights
+    backbone_state = {k: v for k, v in state.items() if k not in head_keys}
+    if "decoder_embed.weight" not in backbone_state and "patch_embed_v.proj.weight" in backbone_state:
+        backbone_state |= _absent_decoder(backbone_state, bool(backbone_kwargs["tr_pos"]))
+    backbone = load_authors_checkpoint(backbone_state, source=source, **backbone_kwargs)
+    width = head_state["cls"].shape[-1] if "cls" in head_state else 0
+    if width != 2 * backbone.embed_dim:
+        raise CheckpointError(
+            f"{source}: the classifier is {width} wide; the multimodal head reads [g_a, g_v], "
+            f"{2 * backbone.embed_dim} wide"
+        )
+    head_config = dict(
+        width=width,
+        num_classes=head_state["classifier.weight"].shape[0],
+        depth=_count(state, "classifier_layers"),
+        num_heads=backbone.config["num_heads"],
+        mlp_ratio=backbone.config["mlp_ratio"],
+    )
+    label_dim = authors_kwargs.get("label_dim")
+    if label_dim is not None and label_dim != head_config["num_classes"]:
+        raise CheckpointError(
+            f"{source}: label_dim={label_dim} but the classifier has {head_config['num_classes']} outputs"
+        )
+    return AuthorsClassifier(backbone, head_config, head_state)
+
+
 # ---------------------------------------------------------------------------------------- ImageNet MAE
+
+#: The released MAE weights the paper's recipe starts from: ViT-B/16 on ImageNet-1K *with its decoder*,
+#: trained to reconstruct normalized pixels (facebookresearch/mae issue #8). CAV-MAE's
+#: `src/adapt_vmae_weights.py` adapts this file (`mae_pretrain_vit_base_full.pth`) into the
+#: `ori_mae_11.pth` that CAV-MAE and CAV-MAE Sync pretrain from (supplementary §6.2). The README's
+#: `mae_pretrain_vit_base.pth` is the encoder alone.
+MAE_FULL_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base_full.pth"
+
+#: Where to get the file and how to point to it (the end of every error about a missing init file).
+MAE_INIT_HINT = (
+    f"download {MAE_FULL_URL} (ImageNet MAE ViT-B with its decoder, the file CAV-MAE's "
+    "adapt_vmae_weights.py adapts) and pass --model.init_args.init_from=PATH (or set init_from: PATH in the "
+    "config); init_from: none starts from random weights on purpose"
+)
+
+#: avsync tensors that adapt_vmae_weights.py fills from no MAE weight (they keep their initialization):
+#: modality embeddings, registers, the optional contrastive heads.
+NOT_FROM_MAE = re.compile(
+    r"(audio|video)_tokenizer\.modality|decoder\.modality_(audio|video)|registers\.(audio|video)"
+    r"|joint\.contrastive_heads\..*"
+)
+
+#: MAE's fixed sin-cos tables (a zero class-token slot, then the patch grid) -> the avsync buffer their
+#: patch rows must equal (adapt_vmae_weights.py copies them into `pos_embed_v`, `decoder_pos_embed_v`).
+MAE_POSITIONS = {"pos_embed": "video_tokenizer.pos_embed", "decoder_pos_embed": "decoder.pos_video"}
 
 
 @dataclass
@@ -353,42 +519,85 @@ def _mae_targets(key: str, model: CAVMAESync) -> list[str]:
         ]
     if match := re.fullmatch(rf"decoder_blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", key):
         return [f"decoder.blocks.{match.group(1)}.{match.group(2)}.{match.group(3)}"]
-    renames = {
-        "decoder_embed": "decoder.embed",
-        "decoder_norm": "decoder.norm",
-        "decoder_pred": "decoder.predict_video",
-    }
-    if match := re.fullmatch(rf"(decoder_embed|decoder_norm|decoder_pred)\.{_LEAF}", key):
+    renames = {"decoder_embed": "decoder.embed", "decoder_norm": "decoder.norm"}
+    if match := re.fullmatch(rf"(decoder_embed|decoder_norm)\.{_LEAF}", key):
         return [f"{renames[match.group(1)]}.{match.group(2)}"]
+    if match := re.fullmatch(rf"decoder_pred\.{_LEAF}", key):  # both heads (`_mae_value` cuts the audio one)
+        return [f"decoder.predict_video.{match.group(1)}", f"decoder.predict_audio.{match.group(1)}"]
     if key == "mask_token":
         return ["decoder.mask_token"]
+    if key == "cls_token":  # adapt_vmae_weights.py: cls_token_a and cls_token_v
+        return ["global_tokens.audio", "global_tokens.video"]
     return []
 
 
-def init_from_mae(model: CAVMAESync, path_or_state_dict) -> InitReport:
-    """Initialize from an ImageNet MAE ViT (MAE or timm key names), as CAV-MAE does: blocks 0..d-1 into
-    both modality encoders, block d into the joint layer (its LayerNorms into all three sets), the
-    final norm into the three output norms, the MAE decoder (when present) into the decoder. The audio
-    patch convolution takes the sum of the RGB filters. Shapes must match; the report lists the rest.
+def _mae_value(target: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The part of an MAE tensor that `target` takes, cut as adapt_vmae_weights.py cuts it: the audio
+    patch filter is the sum of the RGB filters; the audio reconstruction head takes the first `p*p` rows
+    of the RGB head (MAE's rows run pixel-major, channel-minor, so these are not one colour's rows: the
+    authors' choice, kept)."""
+    if target == "audio_tokenizer.patch_embed.proj.weight" and tensor.ndim == 4:
+        return tensor.sum(dim=1, keepdim=True)
+    if target.startswith("decoder.predict_audio.") and tensor.shape[0] == 3 * shape[0]:
+        return tensor[: shape[0]]
+    return tensor
+
+
+def _position_check(key: str, tensor: torch.Tensor, model: CAVMAESync) -> str | None:
+    """None when the patch rows of MAE's fixed table `key` equal avsync's (recomputed) table, else why not."""
+    reference = dict(model.named_buffers())[MAE_POSITIONS[key]]
+    rows = tensor[:, -reference.shape[1] :] if tensor.ndim == 3 else tensor
+    if rows.shape != reference.shape:
+        return f"{key} {tuple(tensor.shape)} does not fit the {tuple(reference.shape)} patch grid"
+    if not torch.allclose(rows.float(), reference, atol=1e-5):
+        return f"{key} is not the fixed sin-cos table (learned positions?)"
+    return None
+
+
+def _summarize(keys: list[str]) -> str:
+    """avsync keys, a block whose tensors are all listed as one `prefix.*`."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        match = re.match(r"(.+?\.\d+)\.", key)
+        groups.setdefault(match.group(1) if match else key, []).append(key)
+    return ", ".join(f"{prefix}.*" if len(members) > 1 else members[0] for prefix, members in groups.items())
+
+
+def init_from_mae(model: CAVMAESync, path_or_state_dict, *, complete: bool = False) -> InitReport:
+    """Initialize from an ImageNet MAE ViT (MAE or timm key names) as CAV-MAE's adapt_vmae_weights.py
+    does: blocks 0..d-1 into both modality encoders, block d into the joint layer (its LayerNorms into
+    all three sets), the final norm into the three output norms, the class token into both global
+    tokens, the MAE decoder (when present) into the decoder, its pixel head into the video head and its
+    first `p*p` rows into the audio head. The audio patch convolution takes the sum of the RGB filters.
+    MAE's fixed position tables must be avsync's (they are recomputed, not copied). Shapes must match;
+    the report lists the rest.
+
+    `complete` (the paper's recipe): every tensor adapt_vmae_weights.py fills must come from the file,
+    so that an encoder-only file (`mae_pretrain_vit_base.pth`) cannot leave the decoder random unnoticed.
     """
     source = "state dict"
     if isinstance(path_or_state_dict, (str, Path)):
         source = str(path_or_state_dict)
         path_or_state_dict = read_weights(path_or_state_dict)
     state = strip_prefix(state_dict_of(path_or_state_dict, source))
+    check_finite(state, source)
     own = model.state_dict()
     report = InitReport()
     updates: dict[str, torch.Tensor] = {}
     mismatched: list[str] = []
+    wrong_positions: list[str] = []
     for key, tensor in state.items():
+        if key in MAE_POSITIONS:
+            problem = _position_check(key, tensor, model)
+            report.skipped[key] = problem or "the fixed sin-cos table, equal to avsync's (recomputed)"
+            wrong_positions += [problem] if problem else []
+            continue
         targets = [t for t in _mae_targets(key, model) if t in own]
         if not targets:
             report.skipped[key] = "no counterpart in this model"
             continue
         for target in targets:
-            value = tensor
-            if target == "audio_tokenizer.patch_embed.proj.weight" and tensor.ndim == 4:
-                value = tensor.sum(dim=1, keepdim=True)
+            value = _mae_value(target, tensor, own[target].shape)
             if value.shape != own[target].shape:
                 mismatched.append(f"{key} {tuple(value.shape)} -> {target} {tuple(own[target].shape)}")
             else:
@@ -398,6 +607,16 @@ def init_from_mae(model: CAVMAESync, path_or_state_dict) -> InitReport:
         raise CheckpointError(f"{source}: shapes do not match this model: " + "; ".join(mismatched))
     if not updates:
         raise CheckpointError(f"{source}: nothing in it matches a ViT/MAE layout")
+    unfilled = [k for k in own if k not in updates and not NOT_FROM_MAE.fullmatch(k)]
+    if complete and (unfilled or wrong_positions):
+        problems = [f"nothing for {_summarize(unfilled)}"] if unfilled else []
+        if not any(k.startswith("decoder_") for k in state):
+            problems.append("it has no decoder (the encoder-only mae_pretrain_vit_base.pth?)")
+        raise CheckpointError(
+            f"{source}: not the full MAE checkpoint this recipe starts from: "
+            + "; ".join(problems + wrong_positions)
+            + f"; {MAE_INIT_HINT}"
+        )
     model.load_state_dict(updates, strict=False)
     for key in sorted(set(own) - set(updates)):
         report.skipped.setdefault(key, "not in the MAE checkpoint; keeps its initialization")

@@ -143,6 +143,10 @@ class Gallery:
             names = [part["name"] for part in manifest["parts"]]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise GalleryError(f"{manifest_path}: unreadable embed manifest ({error})") from None
+        except RecursionError:
+            raise GalleryError(
+                f"{manifest_path}: unreadable embed manifest (JSON nested too deeply)"
+            ) from None
         if not names:
             raise GalleryError(f"{directory}: its manifest lists no embedding parts")
         try:
@@ -152,7 +156,12 @@ class Gallery:
         missing = [path.name for path in paths if not path.is_file()]
         if missing:
             raise GalleryError(f"{directory}: parts listed in {MANIFEST} are missing: {missing[:5]}")
-        metadata = {**manifest, **manifest.get("settings", {})}
+        settings = manifest.get("settings", {})
+        if not isinstance(settings, dict):
+            raise GalleryError(
+                f"{manifest_path}: unreadable embed manifest (its `settings` is not a mapping)"
+            )
+        metadata = {**manifest, **settings}
         return cls._from_files(paths, metadata, kind="embed --shards")
 
     @classmethod
@@ -276,6 +285,7 @@ def _npz_metadata(path: Path) -> dict:
     except GalleryError:
         return {}
     try:
-        return json.loads(str(np.asarray(value).item()))
-    except (ValueError, TypeError):
+        metadata = json.loads(str(np.asarray(value).item()))
+    except (ValueError, TypeError, RecursionError):
         return {}
+    return metadata if isinstance(metadata, dict) else {}

@@ -53,7 +53,16 @@ KINDS: tuple[Kind, ...] = ("exact", "compressed")
 TARGET = {"audio": "video", "video": "audio"}
 DIRECTION = {"audio": "audio_to_video", "video": "video_to_audio"}
 #: Model facts copied from the embedding run into index.json (queries from files are embedded alike).
-MODEL_FACTS = ("checkpoint", "alignment", "num_frames", "embed_dim", "precision", "backbone_config")
+#: `checkpoint` is the absolute path and `weights_digest` what a query model must match (`query_model`).
+MODEL_FACTS = (
+    "checkpoint",
+    "weights_digest",
+    "alignment",
+    "num_frames",
+    "embed_dim",
+    "precision",
+    "backbone_config",
+)
 
 
 class SearchError(ValueError):
@@ -123,6 +132,9 @@ def build_index(
             f"a compressed index is learned from its gallery and needs at least {MIN_CLIPS:,} clips; this "
             f"one has {gallery.num_clips:,}: build an exact index (--kind exact)"
         )
+    where = str(source) if isinstance(source, str | Path) else "the gallery"
+    model = {name: gallery.metadata[name] for name in MODEL_FACTS if name in gallery.metadata}
+    _check_model_facts(model, f"{where} (its embedding metadata)")
     out = Path(out)
     _prepare_directory(out, overwrite)
     say = log or (lambda message: None)
@@ -132,11 +144,12 @@ def build_index(
         indexes = {m: _faiss().IndexFlatIP(gallery.steps * gallery.dim) for m in modalities}
         projectors = {m: None for m in modalities}
     else:
-        indexes, projectors = _train_compressed(gallery, modalities, settings, say)
+        indexes, projectors = _train_compressed(gallery, modalities, settings, say, where)
         timings["train_s"] = round(time.perf_counter() - started, 2)
     added, reported = time.perf_counter(), 0
     for first, chunk in gallery.chunks(chunk_clips, modalities):
-        vectors = {m: diagonal_mean_vectors(chunk.pop(m), f"{m} tokens", first) for m in modalities}
+        ids = np.asarray(gallery.ids[first : first + len(next(iter(chunk.values())))])
+        vectors = {m: _unit_vectors(chunk.pop(m), f"{m} tokens", ids, where) for m in modalities}
         if on_chunk is not None:
             on_chunk(first, vectors)
         for modality in modalities:
@@ -171,7 +184,7 @@ def build_index(
         "bytes": {m: (out / name).stat().st_size for m, name in files.items()},
         "settings": settings.as_dict() if kind == "compressed" else {},
         "source": gallery.describe(),
-        "model": {name: gallery.metadata[name] for name in MODEL_FACTS if name in gallery.metadata},
+        "model": model,
         "faiss_version": _faiss().__version__,
         "build": timings,
     }
@@ -187,19 +200,48 @@ def _prepare_directory(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not (out / INDEX_JSON).is_file():
             raise SearchError(f"{out}: a directory that holds other files; give a new or empty one")
+        if not _is_index_json(out / INDEX_JSON):  # even --overwrite replaces only an index of avsync's
+            raise SearchError(
+                f"{out / INDEX_JSON}: not an avsync index description (no format_version, kind and files), "
+                "so it is not replaced; give a new or empty directory"
+            )
         if not overwrite:
             raise SearchError(f"{out}: already holds an index; pass --overwrite to replace it")
         (out / INDEX_JSON).unlink()  # incomplete until the new one is written
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _train_compressed(gallery: Source, modalities: Sequence[str], settings: CompressedSettings, say):
+def _is_index_json(path: Path) -> bool:
+    """Whether `path` reads as the `index.json` that `build_index` writes (whatever its version)."""
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(facts, dict) and {"format_version", "kind", "files"} <= set(facts)
+
+
+def _unit_vectors(tokens: np.ndarray, name: str, ids: np.ndarray, where: str) -> np.ndarray:
+    """`diagonal_mean_vectors` of gallery clips `ids`; tokens without a direction (NaN, inf, all zero:
+    a model or an embedding run gone wrong) are a `SearchError` naming the gallery and the clips."""
+    try:
+        return diagonal_mean_vectors(tokens, name, ids=ids)
+    except ValueError as error:
+        raise SearchError(
+            f"{where}: {error}; an index needs finite embeddings (embed those clips again)"
+        ) from None
+
+
+def _train_compressed(
+    gallery: Source, modalities: Sequence[str], settings: CompressedSettings, say, where: str = "the gallery"
+):
     """A PCA basis and trained quantizers per modality, from `settings.train_clips` sampled clips."""
     rows = gallery.sample_rows(settings.train_clips, settings.seed)
     indexes, projectors = {}, {}
     for modality in modalities:
         say(f"learning the {modality} PCA and quantizers on {len(rows):,} clips")
-        vectors = diagonal_mean_vectors(gallery.tokens(modality, rows), f"{modality} tokens")
+        vectors = _unit_vectors(
+            gallery.tokens(modality, rows), f"{modality} tokens", gallery.ids[rows], where
+        )
         basis = fit_pca(vectors, settings.pca_dim, settings.seed)
         projectors[modality] = Projector(basis, settings.projection)
         indexes[modality] = build_structure(basis, projectors[modality](vectors), settings)
@@ -236,16 +278,14 @@ class SearchIndex:
             raise SearchError(f"{self.directory}: not an index ({what}); build one with `avsync index build`")
         try:
             self.facts = json.loads(facts_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SearchError(f"{facts_path}: unreadable ({error})") from None
-        version = self.facts.get("format_version")
-        if version != FORMAT_VERSION:
-            raise SearchError(
-                f"{facts_path}: index format {version!r}, this avsync reads {FORMAT_VERSION}; rebuild it"
-            )
+        except RecursionError:
+            raise SearchError(f"{facts_path}: unreadable (JSON nested too deeply to be an index)") from None
+        _check_facts(self.facts, facts_path)
         self.kind: Kind = self.facts["kind"]
-        self.steps, self.dim = int(self.facts["steps"]), int(self.facts["dim"])
-        self.num_clips = int(self.facts["num_clips"])
+        self.steps, self.dim = self.facts["steps"], self.facts["dim"]
+        self.num_clips = self.facts["num_clips"]
         self._indexes: dict = {}  # searched (on GPUs where FAISS has them, exact only)
         self._cpu: dict = {}  # the same, as read (reconstructs rows)
         self._ids: np.ndarray | None = None
@@ -388,7 +428,10 @@ class SearchIndex:
         tokens = self.check_query(tokens)
         target = TARGET[modality]
         index = self.faiss_index(target)
-        queries = diagonal_mean_vectors(tokens, f"{modality} query")
+        try:
+            queries = diagonal_mean_vectors(tokens, f"{modality} query")
+        except ValueError as error:  # NaN or all-zero query tokens
+            raise SearchError(str(error)) from None
         k = min(k, self.num_clips)
         depth = min(max(rerank, k), self.num_clips) if rerank and self.kind == "compressed" else k
         if self.kind == "compressed":
@@ -413,7 +456,9 @@ class SearchIndex:
             tokens = self.gallery().tokens(modality, rows)
         except GalleryError as error:
             raise SearchError(f"exact re-ranking: {error}") from None
-        vectors = diagonal_mean_vectors(tokens, f"{modality} gallery")
+        vectors = _unit_vectors(
+            tokens, f"{modality} gallery", self.ids[rows], f"exact re-ranking: {self.directory}"
+        )
         return vectors @ query, rows
 
 
@@ -431,3 +476,70 @@ def _on_gpu(index):
     if hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
         return faiss.index_cpu_to_all_gpus(index)
     return index
+
+
+# ----------------------------------------------------------------------------------------- index.json
+def _check_facts(facts: object, path: Path) -> None:
+    """Refuse an `index.json` that `SearchIndex` cannot use, with the entry that is wrong: it is data
+    read from disk (edited by hand, cut short, written by another tool), never trusted as built."""
+
+    def fail(problem: str) -> None:
+        raise SearchError(f"{path}: {problem}; rebuild the index with `avsync index build`")
+
+    if not isinstance(facts, dict):
+        fail(f"holds a JSON {type(facts).__name__}, not an index description (an object)")
+    version = facts.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SearchError(f"{path}: index format {version!r}, this avsync reads {FORMAT_VERSION}; rebuild it")
+    for name in ("kind", "num_clips", "steps", "dim", "modalities", "files"):
+        if name not in facts:
+            fail(f"has no `{name}`")
+    if facts["kind"] not in KINDS:
+        fail(f"`kind` is {facts['kind']!r:.80}, not one of {list(KINDS)}")
+    for name in ("num_clips", "steps", "dim"):
+        value = facts[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"`{name}` is {value!r:.80}, not a positive integer")
+    modalities = facts["modalities"]
+    if (
+        not isinstance(modalities, list)
+        or not modalities
+        or len(set(map(str, modalities))) != len(modalities)
+        or not all(m in MODALITIES for m in modalities)
+    ):
+        fail(f"`modalities` is {modalities!r:.80}, not a list of distinct names among {list(MODALITIES)}")
+    files = facts["files"]
+    if not isinstance(files, dict) or not all(isinstance(files.get(m), str) for m in modalities):
+        fail(f"`files` is {files!r:.80}, not a file name for each of {modalities}")
+    for name in ("settings", "source", "model"):
+        if not isinstance(facts.get(name, {}), dict):
+            fail(f"`{name}` is a {type(facts[name]).__name__}, not a mapping")
+    candidates = facts.get("settings", {}).get("candidates", 1)
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+        fail(f"`settings.candidates` is {candidates!r:.80}, not a positive integer")
+    entries = facts.get("source", {}).get("files", [])
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("bytes"), int)
+        for e in entries
+    ):
+        fail("`source.files` is not a list of {path, bytes} entries")
+    try:
+        _check_model_facts(facts.get("model", {}), str(path))
+    except SearchError as error:
+        fail(str(error).removeprefix(f"{path}: "))
+
+
+def _check_model_facts(model: dict, where: str) -> None:
+    """The model facts `query_model` reads: a checkpoint path and a weights digest that are strings, an
+    alignment that is a name, a positive frame count."""
+    checks = {
+        "checkpoint": lambda v: isinstance(v, str) and "\x00" not in v,
+        "weights_digest": lambda v: (
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+        ),
+        "alignment": lambda v: v is None or v in ("clip", "authors"),  # avsync.data.alignment.AlignmentMode
+        "num_frames": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    }
+    for name, ok in checks.items():
+        if name in model and not ok(model[name]):
+            raise SearchError(f"{where}: `model.{name}` is {model[name]!r:.80}, not a valid value")

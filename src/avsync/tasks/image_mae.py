@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from avsync.config_checks import ConfigError, check_count, check_number, check_optimizer
 from avsync.model.embeddings import ModalityTokenizer, patchify_video, sincos_2d
 from avsync.model.masking import mask_from_noise
 from avsync.model.transformer import init_like_authors, stack
@@ -139,6 +140,17 @@ class ImageMAEModule(L.LightningModule):
         audio_length: int = 192,
     ):
         super().__init__()
+        check_optimizer("ImageMAEModule", lr, weight_decay, betas, warmup_epochs, min_lr)  # ConfigError
+        check_number("ImageMAEModule", "mask_ratio", mask_ratio, 0, 1, high_open=True)
+        sizes = dict(image_size=image_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads)
+        sizes |= dict(decoder_dim=decoder_dim, decoder_heads=decoder_heads, audio_length=audio_length)
+        for name, value in sizes.items():
+            check_count("ImageMAEModule", name, value, 1)
+        if embed_dim % num_heads or decoder_dim % decoder_heads or image_size % patch_size:
+            raise ConfigError(
+                f"ImageMAEModule: embed_dim={embed_dim} and decoder_dim={decoder_dim} must divide into their "
+                f"heads ({num_heads}, {decoder_heads}), image_size={image_size} into patch_size={patch_size}"
+            )
         self.save_hyperparameters()
         self.image_size, self.audio_length = image_size, audio_length
         self.mae = ImageMAE(

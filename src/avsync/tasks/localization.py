@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from avsync.config_checks import check_count
 from avsync.data.clip import ExtractionOptions
 from avsync.evaluation.localization import (
     NUM_IOU_THRESHOLDS,
@@ -48,6 +49,7 @@ from avsync.evaluation.localization import (
 from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
 from avsync.model.patch_readout import PatchReadout, check_patch_readout, video_patch_features
+from avsync.output_paths import check_output_folder
 from avsync.tasks.evaluation_trainer import evaluation_trainer
 from avsync.tasks.localization_data import (
     LocalizationDataModule,
@@ -171,6 +173,9 @@ class LocalizationModule(L.LightningModule):
         super().__init__()
         check_patch_readout(patch_readout)
         check_normalization(normalization)
+        check_count("LocalizationModule", "num_iou_thresholds", num_iou_thresholds, 1)  # ConfigError
+        check_count("LocalizationModule", "overlays", overlays, 0)
+        output = None if output_dir is None else check_output_folder(output_dir, "output_dir")
         backbone = resolve_backbone(
             backbone, backbone_checkpoint, authors_kwargs, backbone_config=backbone_config
         )
@@ -182,7 +187,7 @@ class LocalizationModule(L.LightningModule):
         self.normalization = normalization
         self.scores = LocalizationScores(self.class_names, num_iou_thresholds, normalization)
         self.max_overlays = overlays
-        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.output_dir = output
         self.result: LocalizationResult | None = None
         self.skipped: list[Rejection] = []
         self.overlays: list[Overlay] = []
@@ -418,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     from avsync.checkpoint_io import CheckpointError
 
     try:
+        check_output_folder(args.out)  # before the model is read and the inputs scored
         data = LocalizationDataModule(
             manifest=None if args.manifest is None else str(args.manifest),
             synth=None if args.synth is None else str(args.synth),

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from avsync.config_checks import check_count, check_number
 from avsync.data.alignment import AlignmentMode, aligned_windows
 from avsync.data.audio import decode_audio
 from avsync.data.clip import ExtractionOptions, check_duration, extract_video_clip
@@ -338,10 +339,11 @@ class PromptDataset(Dataset):
                 self.options.short_side,
             )
         mask = read_mask(source.mask)
-        if mask.shape != (info.height, info.width):
+        width, height = frames.upright(info.width, info.height)  # a rotated video's frames are upright
+        if mask.shape != (height, width):
             raise ValueError(
                 f"mask {source.mask.name} is {mask.shape[1]}x{mask.shape[0]}, video {source.video.name} is "
-                f"{info.width}x{info.height}"
+                f"{width}x{height}"
             )
         fbank = self._sound(source.video)
         centre = round(source.frame_time * fbank.shape[0] / float(info.duration))
@@ -502,8 +504,11 @@ class LocalizationDataModule(L.LightningDataModule):
         super().__init__()
         if manifest is not None and synth is not None:
             raise ValueError("give a manifest or a synthetic set (synth), not both")
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0; got {batch_size}, {num_workers}")
+        check_count("LocalizationDataModule", "batch_size", batch_size, 1)  # ConfigError naming the key
+        check_count("LocalizationDataModule", "num_workers", num_workers, 0)
+        check_count("LocalizationDataModule", "image_size", image_size, 1, optional=True)
+        check_count("LocalizationDataModule", "audio_length", audio_length, 1, optional=True)
+        check_number("LocalizationDataModule", "audio_start", audio_start, 0, optional=True)
         self.manifest, self.synth, self.split = manifest, synth, split
         self.classes, self.audio_start = classes, audio_start
         self.mismatched_sounds = mismatched_sounds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -11,9 +12,11 @@ import torch
 from einops import rearrange
 from torch.optim.lr_scheduler import LambdaLR
 
+from avsync.checkpoint_io import CheckpointError
+from avsync.config_checks import check_count, check_optimizer
 from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
-from avsync.model.interop import init_from_mae
+from avsync.model.interop import MAE_INIT_HINT, init_from_mae
 from avsync.tasks.visualize import reconstruction_panels
 from avsync.training.nonfinite import NonFiniteLossGuard
 
@@ -57,7 +60,9 @@ class PretrainModule(L.LightningModule):
         warmup_epochs: linear warm-up length, in epochs (fractions allowed), then cosine decay.
         warmup_steps: the warm-up in optimizer steps instead (for runs whose epochs have no length).
         min_lr: learning rate at the end of the cosine.
-        init_from: ImageNet MAE / timm ViT checkpoint to initialize from (a local file).
+        init_from: the ImageNet MAE checkpoint to start from (a local file, read weights-only), mapped as
+            CAV-MAE's adapt_vmae_weights.py maps it (`avsync.model.interop.init_from_mae`); `none`: random
+            initialization, on purpose.
         log_images_every_n_steps: TensorBoard images of input, masked input and reconstruction (0: off).
         compile: `torch.compile` the backbone (training and validation passes; see `BENCHMARKS.md`).
         max_nonfinite_steps: a step whose loss is NaN/inf (on any rank) is skipped; this many in a row
@@ -66,6 +71,10 @@ class PretrainModule(L.LightningModule):
         equal_batches: every rank's training batches hold the same number of clips (as
             `AVShardDataModule`'s do: it drops partial training batches), so the contrastive loss gathers
             the global batch without first gathering its sizes (a collective and a host sync per step).
+        init_required: the paper's recipe (supplementary §6.2 starts from the MAE weights): refuse to
+            start when `init_from` is not set, since random weights must be a decision (`init_from: none`)
+            and not an accident, and refuse a file that leaves a tensor adapt_vmae_weights.py fills
+            untouched (an encoder-only MAE file leaves the decoder random).
 
     Learning rate and throughput are logged by Lightning's callbacks (`LearningRateMonitor`, avsync's
     `ThroughputMonitor`; see the recipes); the schedule is named `train/lr` for the former.
@@ -88,8 +97,18 @@ class PretrainModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         backbone_config: dict | None = None,
         equal_batches: bool = False,
+        init_required: bool = False,
     ):
         super().__init__()
+        check_optimizer("PretrainModule", lr, weight_decay, betas, warmup_epochs, min_lr)  # ConfigError
+        check_count("PretrainModule", "warmup_steps", warmup_steps, 0, optional=True)
+        check_count("PretrainModule", "log_images_every_n_steps", log_images_every_n_steps, 0)
+        check_count("PretrainModule", "max_nonfinite_steps", max_nonfinite_steps, 1)
+        if init_required and init_from is None:  # before the model is built and the ranks are started
+            raise CheckpointError(
+                "init_from is not set, and this recipe starts from the ImageNet MAE weights (supplementary "
+                f"§6.2): {MAE_INIT_HINT}"
+            )
         if backbone is None:  # a fresh model, or the one a reloaded checkpoint's weights then fill
             backbone = resolve_backbone(backbone_config=backbone_config or {})
         self.backbone = backbone
@@ -101,10 +120,21 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         resuming = self.trainer is not None and self.trainer.ckpt_path is not None
-        if stage == "fit" and self.hparams.init_from and not resuming:
-            report = init_from_mae(self.backbone, self.hparams.init_from)
-            log.info("init_from %s: %s", self.hparams.init_from, report.summary())
-            self.print(f"init_from {self.hparams.init_from}: {report.summary()}")
+        if stage == "fit" and not resuming:
+            self.initialize_from(self.hparams.init_from)
+
+    def initialize_from(self, source: str | None) -> None:
+        """Start the backbone from the MAE weights in `source` (None or `none`: keep its random weights)."""
+        if source is None:
+            return
+        if source.lower() == "none":
+            self.print("init_from none: the backbone starts from random weights")
+            return
+        if not Path(source).is_file():
+            raise CheckpointError(f"init_from {source}: no such file; {MAE_INIT_HINT}")
+        report = init_from_mae(self.backbone, source, complete=self.hparams.init_required)
+        log.info("init_from %s: %s", source, report.summary())
+        self.print(f"init_from {source}: {report.summary()}")
 
     def configure_model(self) -> None:
         if self.hparams.compile and not getattr(self, "_compiled", False):

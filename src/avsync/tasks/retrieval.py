@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from avsync.config_checks import check_count
 from avsync.evaluation.retrieval import (
     DIRECTIONS,
     ClipEmbeddings,
@@ -31,6 +32,7 @@ from avsync.evaluation.retrieval import (
 from avsync.evaluation.similarity import STRATEGIES, Strategy
 from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
+from avsync.output_paths import OutputError, check_output_file, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class RetrievalModule(L.LightningModule):
         output_dir: str | None = None,
     ):
         super().__init__()
+        check_count("RetrievalModule", "top_k", top_k, 0)  # before the evaluation, not after it
+        if output_dir:
+            check_output_folder(output_dir, "output_dir")  # an existing file: refused before the test epoch
         unknown = [s for s in strategies if s not in STRATEGIES] + [
             d for d in directions if d not in DIRECTIONS
         ]
@@ -181,6 +186,13 @@ def retrieval_config(
     }
 
 
+def _is_retrieval_config(path: Path) -> bool:
+    try:
+        return f"{__name__}.RetrievalModule" in path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """`avsync retrieve --ckpt PATH --shards DIR`: retrieval over prepared shards, printed and saved.
 
@@ -197,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()  # torch-free, so that `avsync retrieve --help` is quick
     args = parser.parse_args(argv)
+    if args.out:  # before the model is read and the shards embedded
+        try:
+            check_output_folder(args.out)
+            check_output_file(  # LightningCLI saves the run's config there (provenance)
+                Path(args.out) / "config.yaml",
+                ours=_is_retrieval_config,
+                what="the saved config of an avsync retrieval run",
+            )
+        except OutputError as error:
+            print(f"avsync retrieve: error: {error}", file=sys.stderr)
+            return 2
     alignment = args.alignment
     if alignment is None:  # the model's window decides (one extra read of the checkpoint)
         alignment = default_alignment(load_backbone(args.ckpt, **args.authors_kwargs).audio_length)

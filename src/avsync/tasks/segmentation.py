@@ -10,7 +10,8 @@ spectrogram.
 
 writes `seg/<video>.png` per video and `seg/segments.json` (segment ids per kind, the number of segments
 and where it came from, and with per-frame annotations the adjusted Rand index and boundary F1 per kind);
-a video that fails is reported and skipped.
+a video that fails is reported and skipped. Videos that share a file name get distinct names
+(`video_names`); an `--out` that is an existing file is refused before any work.
 
 How many segments: `--segments K` when given; else the clip's count from `--annotations`; else chosen per
 clip and feature kind by the silhouette score over 2..`--max-segments` (a wrong K costs much: a clip of
@@ -358,6 +359,26 @@ def synth_segmentation_aris(
 
 
 # ---------------------------------------------------------------------------------------------- command line
+def video_names(videos: Sequence[Path]) -> list[str]:
+    """One name per video, for its figure and its `segments.json` entry: the file's stem, unless an
+    earlier video has it (`d1/clip.mp4`, `d2/clip.mp4`; compared without case, as the folder may be on
+    a case-insensitive file system): then the stem and a hash of the path as given, `clip-1a2b3c4d`, as
+    `avsync embed` keys such files. Distinct inputs never share an output."""
+    from avsync.data.sources import printable, short_hash
+
+    names: list[str] = []
+    taken: set[str] = set()
+    for video in videos:
+        stem = printable(Path(video).stem)
+        name, attempt = stem, 0
+        while name.casefold() in taken:
+            attempt += 1
+            name = f"{stem}-{short_hash(str(video) if attempt == 1 else f'{video}#{attempt}')}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
 def build_parser():
     """`avsync segment`'s parser (in `avsync.tool_parsers`, free of torch, so that help is quick)."""
     from avsync.tool_parsers import segment
@@ -375,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from avsync.checkpoint_io import CheckpointError
     from avsync.loading import load_backbone
+    from avsync.output_paths import check_output_folder
 
     counts: dict[str, int] = {}
     try:
+        check_output_folder(args.out)  # before the model is read and the videos decoded
         if args.annotations is not None and args.annotations.is_file():
             counts = read_segment_counts(args.annotations)
         elif args.annotations is not None and not args.annotations.is_dir():
@@ -390,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ExtractionOptions(max_duration=args.max_duration)
     results: dict[str, dict] = {}
     failures: list[dict[str, str]] = []
-    for video in args.videos:
+    for video, name in zip(args.videos, video_names(args.videos), strict=True):
         try:
             features = clip_features(backbone, video, options, args.alignment)
             truth = read_annotation(args.annotations, video.stem) if args.annotations and not counts else None
@@ -401,17 +424,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             if video.stem in counts and args.segments is None:
                 result.count_source = "annotations"
-            picture = plot_segmentation(features, result, args.out / f"{video.stem}.png")
+            picture = plot_segmentation(features, result, args.out / f"{name}.png")
         except (DecodeError, ValueError, KeyError, OSError) as error:
             reason = str(error) if isinstance(error, DecodeError) else f"{video}: {error}"
             print(f"skipped {reason}", file=sys.stderr)
             failures.append({"source": str(video), "reason": reason})
             continue
-        results[video.stem] = {"video": str(video), "figure": picture.name, **result.to_json()}
+        results[name] = {"video": str(video), "figure": picture.name, **result.to_json()}
         scores = result.agreement.get("audio_visual")
         summary = f"  ARI {scores['ari']:.2f}  boundary F1 {scores['boundary_f1']:.2f}" if scores else ""
         print(
-            f"{video.stem}: {result.counts['audio_visual']} audio-visual segments ({result.count_source}) "
+            f"{name}: {result.counts['audio_visual']} audio-visual segments ({result.count_source}) "
             f"{result.segments['audio_visual']}{summary}"
         )
     report: dict = {"segments": args.segments, "max_segments": args.max_segments}

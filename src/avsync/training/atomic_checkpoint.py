@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from avsync.checkpoint_io import CheckpointError, load_pickle, looks_like_safetensors
+from avsync.checkpoint_io import CheckpointError, check_finite, load_pickle, looks_like_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         state = checkpoint["state_dict"]
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise CheckpointError(f"{name}: its state_dict is not a mapping of names to tensors")
+        check_finite(state, name)
         if getattr(self, "_training_state", False):
             absent = [key for key in TRAINING_STATE_KEYS if key not in checkpoint]
             if absent:

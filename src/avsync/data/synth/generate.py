@@ -22,8 +22,10 @@ same object in the same place, so the ground truth holds for either reading of "
 
 The set depends only on its parameters (clip `i` on `(seed, i)`, however the work is split among
 workers); with the encoders single-threaded, even the mp4 bytes repeat on the same FFmpeg build. It is
-built in a staging folder that replaces OUT only when complete, and an OUT that already holds the same
-set is reused as it is ("cached").
+built in a staging folder that replaces OUT's set only when complete, and an OUT that already holds the
+same set is reused as it is ("cached"). Only the set's own files are replaced: other entries beside them
+in OUT (a user's notes, a folder of their work) stay, and a file inside the set's folders that is not the
+set's (`videos/mine.mp4`) makes the command refuse rather than delete it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -60,6 +63,14 @@ from avsync.tool_parsers import synth as build_parser
 MANIFEST_NAME = "synth.json"
 MANIFEST_FORMAT = "avsync-synth"
 SPLITS = ("train", "test")
+#: The set's own entries in OUT: folders (with the files each may hold, relative to it) and files.
+SET_FOLDERS = {
+    "videos": re.compile(r"synth_s\d+_\d+\.mp4"),
+    "annotations": re.compile(r"synth_s\d+_\d+\.json"),
+    "masks": re.compile(r"synth_s\d+_\d+/f\d+\.png"),
+    "splits": re.compile(r"(train|test)\.txt"),
+}
+SET_FILES = (MANIFEST_NAME, "labels.csv", "classes.csv")
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class SynthManifest:
     splits: dict[str, list[str]]
     cached: bool = False
     seconds: float = 0.0
+    kept: tuple[str, ...] = ()  # entries of OUT that are not the set's, left as they were
 
     def video(self, clip: str) -> Path:
         return video_path(self.out_dir, clip)
@@ -179,7 +191,7 @@ def synthesize_config(
         existing = _complete_set(out_dir)
         if existing is not None and existing.config == config:
             return dataclasses.replace(existing, cached=True, seconds=time.perf_counter() - started)
-    _check_replaceable(out_dir)
+    kept = _check_replaceable(out_dir)
 
     staging = out_dir.parent / f".{out_dir.name}.synth-partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -194,7 +206,13 @@ def synthesize_config(
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     _replace(out_dir, staging)
     return SynthManifest(
-        out_dir, config, manifest.classes, records, manifest.splits, seconds=time.perf_counter() - started
+        out_dir,
+        config,
+        manifest.classes,
+        records,
+        manifest.splits,
+        seconds=time.perf_counter() - started,
+        kept=tuple(kept),
     )
 
 
@@ -236,15 +254,53 @@ def _complete_set(out_dir: Path) -> SynthManifest | None:
     return SynthManifest(out_dir, config, classes, clips, splits)
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not a synthetic set: it may hold someone's data."""
+def _check_replaceable(out_dir: Path) -> list[str]:
+    """Refuse to replace a folder that is not a synthetic set, or a set whose folders hold files that are
+    not the set's: they may be someone's data. Returns the other entries beside the set (kept)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    interrupted = _retired(out_dir).is_dir()  # a swap of the set's entries that did not finish
+    if not (out_dir / MANIFEST_NAME).is_file() and not interrupted:
         raise FileExistsError(
             f"{out_dir} is not empty and holds no {MANIFEST_NAME}, so it is not a synthetic set that may be "
             "replaced; choose another path or empty it"
         )
+    strangers = _foreign_files(out_dir)
+    if strangers:
+        listed = ", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more" if len(strangers) > 5 else "")
+        raise FileExistsError(
+            f"{out_dir} holds files in the synthetic set's folders that are not the set's ({listed}); "
+            "replacing the set would delete them: move them out, or choose another path"
+        )
+    own = {*SET_FOLDERS, *SET_FILES}
+    return sorted(name for name in os.listdir(out_dir) if name not in own)
+
+
+def _foreign_files(out_dir: Path) -> list[str]:
+    """Paths (relative to `out_dir`) under the set's own entry names that a set does not write there."""
+    strangers = []
+    for name in SET_FILES:
+        path = out_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            strangers.append(name)
+    for name, pattern in SET_FOLDERS.items():
+        folder = out_dir / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            strangers.append(name)
+            continue
+        for root, folders, files in os.walk(folder):
+            here = Path(root).relative_to(folder)
+            for entry in [*files, *(f for f in folders if os.path.islink(os.path.join(root, f)))]:
+                relative = (here / entry).as_posix()
+                if os.path.islink(os.path.join(root, entry)) or not pattern.fullmatch(relative):
+                    strangers.append(f"{name}/{relative}")
+    return sorted(strangers)
+
+
+def _retired(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.synth-old"
 
 
 def _write_clips(staging: Path, config: SynthConfig, workers: int | None, progress: bool) -> list[ClipRecord]:
@@ -313,15 +369,22 @@ def _write_tables(manifest: SynthManifest) -> None:
 
 
 def _replace(out_dir: Path, staging: Path) -> None:
-    """Swap the finished staging folder in for `out_dir` (which is empty, absent, or an older set)."""
-    if out_dir.is_dir():
-        retired = out_dir.parent / f".{out_dir.name}.synth-old"
-        shutil.rmtree(retired, ignore_errors=True)
-        out_dir.rename(retired)
+    """Swap the finished staging folder's entries in for the set's own entries of `out_dir` (absent,
+    empty, or an older set), one rename each; the other entries of `out_dir` stay where they are.
+    `synth.json` leaves first and arrives last, so the folder never reads as a complete set midway."""
+    if not out_dir.is_dir():
         staging.rename(out_dir)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(out_dir)
+        return
+    retired = _retired(out_dir)  # only ever holds the set's own entries
+    shutil.rmtree(retired, ignore_errors=True)
+    retired.mkdir()
+    for name in [*SET_FILES, *SET_FOLDERS]:  # MANIFEST_NAME first
+        if (out_dir / name).exists():
+            (out_dir / name).rename(retired / name)
+    for name in sorted(os.listdir(staging), key=lambda name: name == MANIFEST_NAME):
+        (staging / name).rename(out_dir / name)
+    staging.rmdir()
+    shutil.rmtree(retired)
 
 
 def parse_size(value: int | str | tuple[int, int]) -> tuple[int, int]:
@@ -366,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rate = len(manifest.clips) / manifest.seconds
         print(f"wrote {counts} to {manifest.out_dir} in {manifest.seconds:.1f} s ({rate:.2f} clips/s)")
+        if manifest.kept:
+            print(f"kept what else was there, untouched: {', '.join(manifest.kept)}")
     return 0
 
 

@@ -86,7 +86,9 @@ class FeatureCache:
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
+            if not isinstance(manifest, dict):
+                raise json.JSONDecodeError("not a JSON object", "", 0)
+        except (json.JSONDecodeError, RecursionError) as error:
             raise ValueError(
                 f"{manifest_path}: unreadable cache manifest ({error}); delete {directory}"
             ) from error

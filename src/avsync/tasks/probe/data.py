@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from avsync.config_checks import check_count
 from avsync.data.datamodule import AVShardDataModule
 from avsync.tasks.probe.cache import CachedSplit, FeatureCache
 
@@ -212,8 +213,10 @@ class CachedFeatureDataModule(L.LightningDataModule):
         clips_per_part: int = 4096,
     ):
         super().__init__()
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("batch sizes must be positive")
+        check_count("CachedFeatureDataModule", "batch_size", batch_size, 1)  # ConfigError naming the key
+        check_count("CachedFeatureDataModule", "eval_batch_size", eval_batch_size, 1, optional=True)
+        check_count("CachedFeatureDataModule", "num_workers", num_workers, 0)
+        check_count("CachedFeatureDataModule", "clips_per_part", clips_per_part, 1)
         self.save_hyperparameters(ignore=["source"])
         self.source = source
         self.cache = FeatureCache(cache_dir, clips_per_part)

@@ -2,7 +2,11 @@
 
 Options (paper Tables 10 and 12): `modality` audio, video or both (`[g_a, g_v]` concatenated per
 step, width `2D`); `token` the global token, the mean of the register tokens or the mean of the patch
-tokens. Either way a clip becomes a sequence `(T, W)`.
+tokens; `layer` where the tokens are read: `encoder`, as the modality encoders leave them (the
+authors' classifier `CAVMAEFT`, which reads `a[:, 0]` and `v[:, 0]` before the joint layer and without
+a LayerNorm), or `joint`, after the joint layer and its modality LayerNorm (what retrieval reads).
+Registers never enter the joint layer, so `token="register"` reads the same either way. Either way a
+clip becomes a sequence `(T, W)`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Literal
 import torch
 
 from avsync.model import CAVMAESync
-from avsync.model.backbone import Embeddings
+from avsync.model.backbone import FEATURE_LAYERS, Embeddings, FeatureLayer
 
 ProbeModality = Literal["audio", "video", "audio_visual"]
 ProbeToken = Literal["global", "register", "patch"]
@@ -26,11 +30,13 @@ MODALITIES: dict[str, tuple[str, ...]] = {
 TOKENS = ("global", "register", "patch")
 
 
-def check_options(modality: str, token: str) -> None:
+def check_options(modality: str, token: str, layer: str = "encoder") -> None:
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
     if token not in TOKENS:
         raise ValueError(f"token must be one of {list(TOKENS)}, got {token!r}")
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"layer must be one of {list(FEATURE_LAYERS)}, got {layer!r}")
 
 
 def select_tokens(embeddings: Embeddings, modality: ProbeModality, token: ProbeToken) -> torch.Tensor:
@@ -86,6 +92,7 @@ class FrozenBackbone:
         video: torch.Tensor | None,
         modality: ProbeModality,
         token: ProbeToken,
+        layer: FeatureLayer = "encoder",
     ) -> torch.Tensor:
         """Eval-mode clips (`audio (B, T, L, mel)`, `video (B, T, 3, H, W)`) -> `(B, T, W)` float.
 
@@ -102,4 +109,4 @@ class FrozenBackbone:
                 )
         device = (audio if audio is not None else video).device
         model = self.model.to(device).eval()
-        return select_tokens(model.encode(audio, video), modality, token).float()
+        return select_tokens(model.encode(audio, video, layer=layer), modality, token).float()

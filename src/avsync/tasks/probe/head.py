@@ -13,8 +13,10 @@ from avsync.model.transformer import encoder_block, init_like_authors
 class ProbeHead(nn.Module):
     """`(B, T, width)` features -> `(B, num_classes)` logits.
 
-    Initialized like the authors' classifier: zero CLS token, xavier-uniform linears with zero biases,
-    unit LayerNorms.
+    The authors' `self_attention_cls` head (`CAVMAEFT` in their `src/models/cav_mae_sync.py`), and
+    initialized like it: N(0, 0.02) CLS token (`cls_cls_token`, re-drawn in `initialize_weights`),
+    xavier-uniform linears with zero biases, unit LayerNorms. No positional embedding: the steps are
+    told apart only by their content, as in theirs.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class ProbeHead(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.classifier = nn.Linear(width, num_classes)
         self.apply(init_like_authors)
+        nn.init.normal_(self.cls, std=0.02)  # the authors' CAVMAEFT.initialize_weights
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim != 3 or features.shape[-1] != self.width:

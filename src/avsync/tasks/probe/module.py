@@ -19,8 +19,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from avsync.checkpoint_io import CheckpointError
+from avsync.config_checks import check_count, check_number, check_optimizer
 from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
+from avsync.model.backbone import FeatureLayer
 from avsync.tasks.pretrain import adam_optimizer, warmup_cosine
 from avsync.tasks.probe.features import FrozenBackbone, ProbeModality, ProbeToken, check_options
 from avsync.tasks.probe.head import ProbeHead
@@ -53,6 +55,9 @@ class ProbeModule(L.LightningModule):
         modality: `audio`, `video` or `audio_visual` (`[g_a, g_v]` per step, paper Table 10).
         token: `global`, `register` (mean of the register tokens) or `patch` (mean of the patch tokens),
             paper Table 12.
+        layer: where the tokens are read: `encoder` (the authors' classifier `CAVMAEFT`: as the modality
+            encoders leave them, before the joint layer, no LayerNorm) or `joint` (after the joint layer
+            and its modality LayerNorm, the tokens retrieval and the contrastive objective use).
         task: `multilabel` (BCE, mAP; AudioSet) or `multiclass` (cross-entropy, top-1/top-5; VGGSound).
         num_classes: output classes (527 AudioSet, 309 VGGSound).
         head_depth, head_heads, head_mlp_ratio: classifier blocks (paper: 2; heads and MLP ratio default
@@ -72,6 +77,7 @@ class ProbeModule(L.LightningModule):
         authors_kwargs: dict | None = None,
         modality: ProbeModality = "audio_visual",
         token: ProbeToken = "global",
+        layer: FeatureLayer = "encoder",
         task: ProbeTask = "multilabel",
         num_classes: int = 527,
         head_depth: int = 2,
@@ -87,13 +93,17 @@ class ProbeModule(L.LightningModule):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        check_options(modality, token)
+        check_options(modality, token, layer)
         if task not in ("multilabel", "multiclass"):
             raise ValueError(f"task must be 'multilabel' or 'multiclass', got {task!r}")
-        if not 0.0 <= mixup <= 1.0 or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(
-                f"need 0 <= mixup <= 1 and 0 <= label_smoothing < 1, got {mixup}, {label_smoothing}"
-            )
+        check_optimizer("ProbeModule", lr, weight_decay, betas, warmup_epochs, min_lr)  # ConfigError
+        check_count("ProbeModule", "num_classes", num_classes, 1)
+        check_count("ProbeModule", "head_depth", head_depth, 0)
+        check_count("ProbeModule", "head_heads", head_heads, 1, optional=True)
+        check_number("ProbeModule", "head_mlp_ratio", head_mlp_ratio, 0, low_open=True, optional=True)
+        check_number("ProbeModule", "mixup", mixup, 0, 1)
+        check_number("ProbeModule", "mixup_alpha", mixup_alpha, 0, low_open=True)
+        check_number("ProbeModule", "label_smoothing", label_smoothing, 0, 1, high_open=True)
         backbone = resolve_backbone(backbone, backbone_checkpoint, authors_kwargs)
         if token == "register" and backbone.registers.count == 0:
             raise ValueError("token='register' needs a backbone with register tokens (num_registers > 0)")
@@ -122,12 +132,17 @@ class ProbeModule(L.LightningModule):
             "backbone": self.frozen.fingerprint,
             "modality": self.hparams.modality,
             "token": self.hparams.token,
+            "layer": self.hparams.layer,
         }
 
     def extract_features(self, batch: dict) -> torch.Tensor:
         """Eval-mode clips -> `(B, T, W)` features from the frozen backbone."""
         return self.frozen.tokens(
-            batch.get("audio"), batch.get("video"), self.hparams.modality, self.hparams.token
+            batch.get("audio"),
+            batch.get("video"),
+            self.hparams.modality,
+            self.hparams.token,
+            self.hparams.layer,
         )
 
     def features(self, batch: dict) -> torch.Tensor:
@@ -215,6 +230,12 @@ class ProbeModule(L.LightningModule):
         checkpoint[CHECKPOINT_FINGERPRINT] = self.frozen.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved_options = checkpoint.get("hyper_parameters")
+        if saved_options is not None and "layer" not in saved_options and self.hparams.layer != "joint":
+            raise CheckpointError(
+                "this probe head was trained before the `layer` option existed, on the joint-layer "
+                "features: load it with layer='joint'"
+            )
         saved = checkpoint.get(CHECKPOINT_FINGERPRINT)
         if saved is not None and saved != self.frozen.fingerprint:
             raise CheckpointError(
