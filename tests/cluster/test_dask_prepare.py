@@ -335,6 +335,7 @@ def test_the_pretraining_script_runs_the_recipe_with_the_marked_paths(tmp_path):
     assert options["--data.init_args.val_shards"] == shards["val_shards"]
     assert options["--model.init_args.init_from"] == str(weights)
     assert options["--trainer.num_nodes"] == "4" and options["--trainer.devices"] == "8"
+    assert options["--data.init_args.batch_size"] == "16"  # the paper's global batch of 512 over 32 ranks
     assert options["--trainer.logger.init_args.version"] == "job777"
 
     weights.unlink()
