@@ -78,7 +78,11 @@ def mixup(
     concentration = torch.tensor(float(alpha), device=device)
     lam = torch.distributions.Beta(concentration, concentration).sample((batch,))
     lam = torch.where(torch.rand(batch, device=device) < rate, lam, torch.ones_like(lam))
-    partner = torch.randperm(batch, device=device)
+    # A random cycle through the batch: every clip gets a partner other than itself (a plain permutation
+    # leaves one clip per batch unmixed on average; CAV-MAE draws the partner from the whole set).
+    order = torch.randperm(batch, device=device)
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(1)
     weight = lam.reshape(batch, *([1] * (features.ndim - 1))).to(features.dtype)
     mixed_features = weight * features + (1 - weight) * features[partner]
     mixed_targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
