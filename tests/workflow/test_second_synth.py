@@ -6,8 +6,9 @@ contrastive loss must leave chance (ln of the batch): a recipe whose global toke
 exactly ln(batch) and fails here.
 
 The size: 8 clips at batch 8 for 400 steps. The second set is learned several times more slowly than the
-demo's (docs/recipes.md): after 400 steps its loss is 0.32 / 0.38 nats below chance (seeds 0 / 1) and the
-demo's 0.91 / 0.74, while a run that stays at chance ends within 0.03 of it; at 40 steps neither set had
+demo's (docs/recipes.md): after 400 steps its loss is 0.32 / 0.34 nats below chance (seeds 0 / 1) and the
+demo's 0.83 / 0.67 (0.32 / 0.38 and 0.91 / 0.74 with the global tokens drawn from N(0, 1) instead of the
+authors' N(0, 0.02)), while a run that stays at chance ends within 0.03 of it; at 40 steps neither set had
 left chance.
 """
 
@@ -75,7 +76,9 @@ def test_tiny_recipe_leaves_chance_on_either_kind_of_data(shards):
         ]
     assert len(losses) == steps
     first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
-    assert first == pytest.approx(math.log(BATCH), abs=0.15)  # starts at chance
+    # starts no better than chance: above it by up to 0.26 nats, the untrained global tokens (N(0, 0.02),
+    # as the authors') differing enough between clips to give unequal logits at temperature 0.05
+    assert first > math.log(BATCH) - 0.1
     assert last < math.log(BATCH) - MARGIN, [
         round(sum(losses[i : i + 20]) / 20, 3) for i in range(0, steps, 20)
     ]
