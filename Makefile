@@ -41,7 +41,7 @@ notebooks: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir shards/demo/notebooks notebooks/*.ipynb
 
 bench: $(STAMP)
-	$(BIN)/python -m avsync.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -20,7 +20,7 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 #: Other subcommands: name -> ("module:function", one-line help). Each function takes its argv.
 TOOLS: dict[str, tuple[str, str]] = {
     "prepare": ("avsync.data.prepare:main", "raw videos or a CAV-MAE datafile -> WebDataset shards"),
-    "synth": ("avsync.data.synth:main", "synthetic audio-visual clips with ground truth"),
+    "synth": ("avsync.synth:main", "synthetic audio-visual clips with ground truth"),
     "retrieve": ("avsync.tasks.retrieval:main", "zero-shot audio-visual retrieval (R@1/5/10, median rank)"),
     "localize": ("avsync.tasks.localization:main", "sound-prompted segmentation heat maps and metrics"),
     "segment": (

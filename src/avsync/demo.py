@@ -155,7 +155,7 @@ def make_data(workdir: Path, clips: int, classes: int, seed: int, workers: int, 
     """Synthesize (cached) and prepare the train / test splits (cached); returns the synth directory.
     `kind`: the synthetic generator (`avsync synth --kind`)."""
     from avsync.data.prepare import PrepareError, prepare
-    from avsync.data.synth import synthesize
+    from avsync.synth import synthesize
 
     synth = synthesize(workdir / "synth", clips, classes, seed=seed, kind=kind, holdout=0.2, workers=workers)
     header, *rows = (synth.out_dir / "labels.csv").read_text().splitlines(keepends=True)

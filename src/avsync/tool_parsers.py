@@ -35,7 +35,7 @@ EXTRACTION_DEFAULTS = dict(
 #: `avsync.data.audio.MonoMode`'s values.
 MONO_MODES = ("mean", "first")
 
-#: `avsync.data.synth.config.KINDS` and the parts of `KIND_DEFAULTS` that `synth --help` shows.
+#: `avsync.synth.config.KINDS` and the parts of `KIND_DEFAULTS` that `synth --help` shows.
 SYNTH_KINDS = ("tones", "speechlike")
 SYNTH_KIND_DEFAULTS: dict[str, dict] = {
     "tones": dict(fps="10", size=128, sample_rate=16000, channels=1),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from avsync.data.synth import synthesize
+from avsync.synth import synthesize
 from avsync.model import CAVMAESync
 from avsync.model.embeddings import sincos_2d
 from avsync.model.interop import AUTHORS_FIXED, AUTHORS_RULES, AUTHORS_UNUSED, _translate

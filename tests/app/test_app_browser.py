@@ -46,7 +46,7 @@ MAX_SECONDS = 8.0
 def served(tmp_path_factory):
     """(url, checkpoint, clips, bad inputs): `avsync app` serving a tiny model, an index and examples."""
     from avsync.cli import main as avsync_main
-    from avsync.data.synth import synthesize
+    from avsync.synth import synthesize
     from avsync.loading import save_backbone
     from avsync.model import CAVMAESync
     from tests.reliability.hostile_media import tone, write_media

@@ -1,4 +1,4 @@
-"""Smoke tests of `python -m avsync.bench`: every benchmark runs at tiny sizes and reports what it measured,
+"""Smoke tests of `python -m benchmarks`: every benchmark runs at tiny sizes and reports what it measured,
 the report renders from the results, and the harness times and isolates as it says. No timed assertions."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from avsync.bench import data, inference, pretrain, probe, retrieval
-from avsync.bench.__main__ import main
-from avsync.bench.harness import interleaved_medians, machine, run_isolated, time_runs, versions
-from avsync.bench.report import render
-from avsync.bench.suite import SUITE, TARGETS, Benchmark
+from benchmarks import data, inference, pretrain, probe, retrieval
+from benchmarks.__main__ import main
+from benchmarks.harness import interleaved_medians, machine, run_isolated, time_runs, versions
+from benchmarks.report import render
+from benchmarks.suite import SUITE, TARGETS, Benchmark
 
 TINY_RETRIEVAL = {"num_clips": 40, "steps": 4, "dim": 8, "repeats": 2}
 
@@ -222,7 +222,7 @@ def test_the_suite_and_targets_are_consistent():
 
 
 def test_the_command_line_writes_json_and_markdown(tmp_path, monkeypatch):
-    tiny = Benchmark("avsync.bench.retrieval:time_evaluation", full=TINY_RETRIEVAL, quick=TINY_RETRIEVAL)
+    tiny = Benchmark("benchmarks.retrieval:time_evaluation", full=TINY_RETRIEVAL, quick=TINY_RETRIEVAL)
     monkeypatch.setitem(SUITE, "retrieval", tiny)
     assert main(["--only", "retrieval", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "benchmarks.json").read_text())

@@ -1,4 +1,4 @@
-"""The full-size dry run's benchmark (`python -m avsync.bench --only paper_recipe`): its step timer in a
+"""The full-size dry run's benchmark (`python -m benchmarks --only paper_recipe`): its step timer in a
 real Lightning run, and its section of BENCHMARKS.md. The run itself takes minutes at ViT-B size: it is
 `make bench`'s, and `tests/tasks/test_pretrain_init.py` builds the same recipe through LightningCLI."""
 
@@ -10,9 +10,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from avsync.bench.paper_recipe import StepTimer
-from avsync.bench.report import render
-from avsync.bench.suite import SUITE
+from benchmarks.paper_recipe import StepTimer
+from benchmarks.report import render
+from benchmarks.suite import SUITE
 from avsync.model import CAVMAESync
 from avsync.tasks.pretrain import PretrainModule
 

@@ -20,8 +20,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from avsync.data.alignment import frame_times
-from avsync.data.synth import SynthManifest, load_synth, main, synthesize
-from avsync.data.synth.timeline import sample_timeline
+from avsync.synth import SynthManifest, load_synth, main, synthesize
+from avsync.synth.timeline import sample_timeline
 
 from .conftest import authors_fbank
 
@@ -436,7 +436,7 @@ def test_speechlike_voice_is_panned_with_the_object(speech_set):
 def test_speechlike_words_are_told_apart_by_their_log_mel_profiles_across_speakers():
     """Two random speakers saying each class's word: every word is nearer its own other utterance than
     any other word's (mean-over-time 128-bin fbank profiles, no noise), so the sound carries the class."""
-    from avsync.data.synth.speechlike import render_speech, speech_catalogue
+    from avsync.synth.speechlike import render_speech, speech_catalogue
 
     classes = speech_catalogue(8)
     assert len({c.word for c in classes}) == 8 and len({c.pitch_hz for c in classes}) == 8
@@ -457,7 +457,7 @@ def test_speechlike_words_are_told_apart_by_their_log_mel_profiles_across_speake
 
 
 def test_kind_defaults_sizes_and_the_cli(tmp_path, capsys):
-    from avsync.data.synth.generate import parse_size
+    from avsync.synth.generate import parse_size
 
     assert parse_size("320x240") == (320, 240) and parse_size(128) == (128, 128)
     with pytest.raises(ValueError, match="SIDE or WxH"):

@@ -1,4 +1,4 @@
-"""Fixtures of the `avsync index` tests: small clustered galleries (`avsync.search.synthetic`), a tiny
+"""Fixtures of the `avsync index` tests: small clustered galleries (`avsync.synth.embeddings`), a tiny
 model, and real `avsync embed` outputs (of the two real clips in ../shared/data/videos, and of shards)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from avsync.api import embed_main
 from avsync.loading import save_backbone
 from avsync.model import CAVMAESync
-from avsync.search.synthetic import ClusteredGallery
+from avsync.synth.embeddings import ClusteredGallery
 from tests.api.conftest import REAL_CLIPS, SMALL
 from tests.conftest import shared_path
 

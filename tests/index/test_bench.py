@@ -1,4 +1,4 @@
-"""The index benchmark (`avsync.bench.index`) at a tiny size: its ground truth is brute force, and its
+"""The index benchmark (`benchmarks.index`) at a tiny size: its ground truth is brute force, and its
 report sections render from its result."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from avsync.bench import retrieval
-from avsync.bench.index import GroundTruth, index_benchmark
-from avsync.bench.report import render
-from avsync.search.synthetic import ClusteredGallery
+from benchmarks import retrieval
+from benchmarks.index import GroundTruth, index_benchmark
+from benchmarks.report import render
+from avsync.synth.embeddings import ClusteredGallery
 from avsync.search.vectors import diagonal_mean_vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")

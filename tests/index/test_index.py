@@ -14,7 +14,7 @@ from avsync.search import CompressedSettings, Gallery, SearchError, SearchIndex,
 from avsync.search.compressed import fit_pca
 from avsync.search.gallery import GalleryError, npz_member
 from avsync.search.index import KINDS, TARGET
-from avsync.search.synthetic import ClusteredGallery
+from avsync.synth.embeddings import ClusteredGallery
 from avsync.search.vectors import diagonal_mean_vectors
 from avsync.tool_parsers import INDEX_DEFAULTS, INDEX_KINDS, index
 

@@ -57,7 +57,7 @@ def free_port() -> int:
 def prepared_shards(tmp_path_factory) -> Path:
     """16 synthetic 3-s clips prepared by `avsync prepare` into 8 shards of 2 clips."""
     from avsync.data.prepare import prepare
-    from avsync.data.synth import synthesize
+    from avsync.synth import synthesize
 
     root = tmp_path_factory.mktemp("reliability_data")
     synth = synthesize(root / "synth", clips=16, classes=4, duration=3.0, size=64, workers=0)

@@ -24,7 +24,7 @@ import pytest
 
 from avsync.api.outputs import is_embeddings_file
 from avsync.cli import main as avsync_main
-from avsync.data.synth import load_synth, synthesize
+from avsync.synth import load_synth, synthesize
 
 from .conftest import avsync_command, avsync_env
 

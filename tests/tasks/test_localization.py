@@ -19,7 +19,7 @@ from PIL import Image
 
 from avsync.data.alignment import window_center
 from avsync.data.clip import extract_video_clip
-from avsync.data.synth import load_synth, synthesize
+from avsync.synth import load_synth, synthesize
 from avsync.data.transforms import CenterFrame, frames_to_tensor
 from avsync.evaluation.localization import localization_metrics, normalize_maps, upsample_maps
 from avsync.model import CAVMAESync

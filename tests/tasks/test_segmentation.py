@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from avsync.data.synth import load_synth, synthesize
+from avsync.synth import load_synth, synthesize
 from avsync.data.transforms import AudioWindows, CenterFrame, frames_to_tensor
 from avsync.model import CAVMAESync
 from avsync.tasks import PretrainModule

@@ -234,7 +234,7 @@ def test_the_light_parsers_offer_what_the_tools_accept():
     from avsync.api.outputs import OUTPUT_FORMATS
     from avsync.data.audio import MonoMode
     from avsync.data.clip import ExtractionOptions
-    from avsync.data.synth.config import KIND_DEFAULTS, KINDS
+    from avsync.synth.config import KIND_DEFAULTS, KINDS
     from avsync.tool_parsers import (
         EMBED_OUTPUT_FORMATS,
         EMBED_PRECISIONS,
@@ -342,7 +342,7 @@ def test_the_tiny_recipes_write_last_ckpt_after_every_epoch(tmp_path, recipe):
 def tiny_shards(tmp_path_factory) -> Path:
     """8 synthetic 3-s clips prepared into shards (seconds, unlike the demo_run fixture)."""
     from avsync.data.prepare import prepare
-    from avsync.data.synth import synthesize
+    from avsync.synth import synthesize
 
     root = tmp_path_factory.mktemp("tiny_shards")
     synth = synthesize(root / "synth", clips=8, classes=2, duration=3.0, size=64, workers=0)

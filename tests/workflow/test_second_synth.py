@@ -22,7 +22,7 @@ import pytest
 
 from avsync.cli import lightning_cli
 from avsync.data.prepare import prepare
-from avsync.data.synth import synthesize
+from avsync.synth import synthesize
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny_cpu.yaml"
 BATCH, STEPS_PER_EPOCH, EPOCHS = 8, 5, 80

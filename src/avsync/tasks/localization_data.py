@@ -188,7 +188,7 @@ def _manifest_row(
 def synth_prompt_set(synth_dir: str | Path, split: str | None = "test") -> PromptSet:
     """Every clip of a synthetic set (`avsync synth`), or of one split: its 16 frames, each prompted with
     its aligned window and scored against the synth mask; the class is the event's at that frame."""
-    from avsync.data.synth import SPLITS, load_synth
+    from avsync.synth import SPLITS, load_synth
 
     manifest = load_synth(synth_dir)
     if split is not None and split not in SPLITS:

@@ -304,7 +304,7 @@ def score_synth_segmentation(
     """Segment every clip of a synthetic set (or one split) and score it against its per-frame classes.
     `num_segments=None`: each clip's own number of distinct classes, i.e. the true count (the synthetic
     clips hold 2-4 events, fewer than the paper's 5); `"auto"`: the silhouette's choice."""
-    from avsync.data.synth import load_synth
+    from avsync.synth import load_synth
 
     manifest = load_synth(synth_dir)
     if split is not None and split not in manifest.splits:
@@ -342,7 +342,7 @@ def synth_segmentation_aris(
     settings: Sequence[int | Literal["auto"] | None] = (None, AUTO),
 ) -> list[float]:
     """`synth_segmentation_ari` for each `num_segments` of `settings`, encoding every clip once."""
-    from avsync.data.synth import load_synth
+    from avsync.synth import load_synth
 
     manifest = load_synth(synth_dir)
     ids = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]

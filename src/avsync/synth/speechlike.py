@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from avsync.data.synth.classes import MAX_CLASSES, PALETTE, SHAPES, TEXTURES, SynthClass
-from avsync.data.synth.render import SOUND_RMS, draw_object, frame_dims
+from avsync.synth.classes import MAX_CLASSES, PALETTE, SHAPES, TEXTURES, SynthClass
+from avsync.synth.render import SOUND_RMS, draw_object, frame_dims
 
 #: Vowel formants F1, F2, F3 in Hz (adult-male averages of the classic Peterson & Barney table).
 VOWELS: dict[str, tuple[float, float, float]] = {

@@ -6,7 +6,7 @@ show the object whose sound is playing. Modules: `classes` (what each class look
 clip and its annotations), `config` (parameters), `generate` (the set, its tables, caching, the CLI).
 """
 
-from avsync.data.synth.generate import (
+from avsync.synth.generate import (
     SPLITS,
     SynthManifest,
     build_parser,

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from avsync.data.synth.classes import SynthClass
-from avsync.data.synth.clip import (
+from avsync.synth.classes import SynthClass
+from avsync.synth.clip import (
     ClipRecord,
     annotation_path,
     catalogue,
@@ -57,7 +57,7 @@ from avsync.data.synth.clip import (
     video_path,
     write_clip,
 )
-from avsync.data.synth.config import KIND_DEFAULTS, KINDS, SYNTH_VERSION, SynthConfig, parse_fps
+from avsync.synth.config import KIND_DEFAULTS, KINDS, SYNTH_VERSION, SynthConfig, parse_fps
 from avsync.tool_parsers import synth as build_parser
 
 MANIFEST_NAME = "synth.json"

@@ -1,4 +1,4 @@
-"""`python -m avsync.bench` (`make bench`): the performance benchmarks, written to `BENCHMARKS.md` and
+"""`python -m benchmarks` (`make bench`): the performance benchmarks, written to `BENCHMARKS.md` and
 `benchmarks.json`.
 
 One module per subject - `pretrain` (the ViT-B training step, its FLOPs, MFU, time breakdown and the

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from avsync.bench.harness import peak_rss_mib
+from benchmarks.harness import peak_rss_mib
 from avsync.model import CAVMAESync
 from avsync.tasks.probe import ProbeModule
 from avsync.tasks.probe.data import CachedFeatureDataModule

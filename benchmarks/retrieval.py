@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from avsync.bench.harness import peak_rss_mib, time_runs
+from benchmarks.harness import peak_rss_mib, time_runs
 from avsync.evaluation.retrieval import evaluate_all, retrieval_metrics
 from avsync.evaluation.similarity import STRATEGIES
 

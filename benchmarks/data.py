@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from avsync.bench.harness import interleaved_medians, peak_rss_mib, pin_to_one_core, time_runs
+from benchmarks.harness import interleaved_medians, peak_rss_mib, pin_to_one_core, time_runs
 from avsync.data.clip import ExtractionOptions
 from avsync.data.datamodule import AVShardDataModule
 from avsync.data.images import encode_jpeg

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -160,14 +161,15 @@ class BenchmarkFailed(RuntimeError):
 
 
 def run_isolated(name: str, options: dict, threads: int, env: Mapping[str, str] | None = None) -> dict:
-    """Run benchmark `name` with `options` in a fresh `python -m avsync.bench --child` process on
+    """Run benchmark `name` with `options` in a fresh `python -m benchmarks --child` process on
     `threads` threads; returns its result dict with `peak_rss_mib` (that process's peak) and `wall_s`."""
-    command = [sys.executable, "-m", "avsync.bench", "--child", name, "--threads", str(threads)]
+    command = [sys.executable, "-m", "benchmarks", "--child", name, "--threads", str(threads)]
     command += ["--options", json.dumps(options)]
     started = time.perf_counter()
-    finished = subprocess.run(
-        command, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
-    )
+    repo_root = str(Path(__file__).resolve().parent.parent)  # `benchmarks` is a top-level folder, not installed
+    environment = {**os.environ, **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, environment.get("PYTHONPATH")]))
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if finished.returncode:
         raise BenchmarkFailed(
             f"benchmark {name!r} failed (exit {finished.returncode}):\n{finished.stderr[-4000:]}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from avsync.data.synth.classes import MAX_CLASSES
+from avsync.synth.classes import MAX_CLASSES
 
 #: Bump whenever the rendering changes what a given config produces, so that cached sets are rebuilt.
 SYNTH_VERSION = 1

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from avsync.bench.harness import machine, peak_rss_mib, time_runs
+from benchmarks.harness import machine, peak_rss_mib, time_runs
 
 
 def app_latency(repeats: int = 5, seconds: float = 10.0) -> dict:
     from avsync.app.analysis import MAP_KINDS
     from avsync.app.ui import AppConfig, AvsyncApp
-    from avsync.data.synth import synthesize
+    from avsync.synth import synthesize
     from avsync.loading import save_backbone
     from avsync.model import CAVMAESync
     from avsync.recipes import find_recipe

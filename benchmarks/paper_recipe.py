@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from avsync.bench.harness import load_average, machine, peak_rss_mib
+from benchmarks.harness import load_average, machine, peak_rss_mib
 
 RECIPE = "pretrain/audioset2m_vitb"
 
@@ -103,7 +103,7 @@ def dry_run(clips: int = 4, batch_size: int = 2, steps: int = 2, keep: str | Non
             f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
             "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
             "--trainer.logger.init_args.save_dir=runs",
-            "--trainer.callbacks+=avsync.bench.paper_recipe.StepTimer",
+            "--trainer.callbacks+=benchmarks.paper_recipe.StepTimer",
             f"--trainer.callbacks.init_args.path={timer}",
             "--data.init_args.train_shards=shards", "--data.init_args.val_shards=shards",
             f"--data.init_args.batch_size={batch_size}", "--data.init_args.num_workers=0",

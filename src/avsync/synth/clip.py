@@ -17,18 +17,18 @@ import numpy as np
 from PIL import Image
 
 from avsync.data.alignment import frame_times
-from avsync.data.synth.classes import SynthClass, class_catalogue
-from avsync.data.synth.config import SynthConfig
-from avsync.data.synth.mp4 import write_mp4
-from avsync.data.synth.render import (
+from avsync.synth.classes import SynthClass, class_catalogue
+from avsync.synth.config import SynthConfig
+from avsync.synth.mp4 import write_mp4
+from avsync.synth.render import (
     background_hiss,
     draw_object,
     place_object,
     render_background,
     render_sound,
 )
-from avsync.data.synth.speechlike import MovingScenes, background_noise, pan, render_speech, speech_catalogue
-from avsync.data.synth.timeline import Event, sample_timeline
+from avsync.synth.speechlike import MovingScenes, background_noise, pan, render_speech, speech_catalogue
+from avsync.synth.timeline import Event, sample_timeline
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from unittest import mock
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from avsync.bench.harness import interleaved_medians, peak_rss_mib, time_runs
+from benchmarks.harness import interleaved_medians, peak_rss_mib, time_runs
 from avsync.model import CAVMAESync
 from avsync.onednn import _gemm_nt, linear_kernel
 from avsync.tasks.pretrain import adam_optimizer

@@ -11,8 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from avsync.api.model import AVSyncModel
-from avsync.bench.harness import interleaved_medians, peak_rss_mib, time_runs
-from avsync.bench.pretrain import reference_kernels
+from benchmarks.harness import interleaved_medians, peak_rss_mib, time_runs
+from benchmarks.pretrain import reference_kernels
 from avsync.model import CAVMAESync
 
 MODES = ("audio_and_video", "audio", "video")

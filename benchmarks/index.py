@@ -10,7 +10,7 @@ Measured side by side in one run, in this order:
    video tokens, a video query the audio tokens), and recall@10 against exact search for several
    candidate counts, with and without the exact re-ranking of the best `rerank`.
 
-The gallery is `avsync.search.synthetic.ClusteredGallery` (its parameters are in the result). It never
+The gallery is `avsync.synth.embeddings.ClusteredGallery` (its parameters are in the result). It never
 exists whole: each chunk is generated, added to the index, and scored against the queries by exact brute
 force (the ground truth) in the same pass. The queries are the audio and video tokens of `queries` clips
 of the gallery (the middle chunk): their own partners are in the gallery, as in retrieval.
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avsync.bench.harness import peak_rss_mib
+from benchmarks.harness import peak_rss_mib
 from avsync.search.compressed import CompressedSettings
 from avsync.search.index import DIRECTION, TARGET, SearchIndex, build_index
-from avsync.search.synthetic import MODALITIES, ClusteredGallery
+from avsync.synth.embeddings import MODALITIES, ClusteredGallery
 from avsync.search.vectors import diagonal_mean_vectors
 
 
@@ -64,7 +64,7 @@ def loaded_index_mib(path: Path) -> float:
     """Resident memory that reading the FAISS file `path` adds to a fresh process (the index in RAM)."""
     script = (
         "import sys, faiss\n"
-        "from avsync.bench.index import current_rss_mib\n"
+        "from benchmarks.index import current_rss_mib\n"
         "before = current_rss_mib()\n"
         "index = faiss.read_index(sys.argv[1])\n"
         "print(current_rss_mib() - before)\n"

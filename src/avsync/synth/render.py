@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from avsync.data.synth.classes import SynthClass
+from avsync.synth.classes import SynthClass
 
 #: Brightness of the dark parts of a texture, relative to the class colour (same hue, darker).
 TEXTURE_SHADE = 0.55

@@ -1,4 +1,4 @@
-"""`python -m avsync.bench [--quick] [--only NAME ...]`: run the benchmarks, write the report.
+"""`python -m benchmarks [--quick] [--only NAME ...]`: run the benchmarks, write the report.
 
 Each benchmark runs in its own process on `--threads` threads (the loader ones pin themselves to one
 core); results go to `benchmarks.json` and `BENCHMARKS.md` in `--out-dir`. With `--only`, the named
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from avsync.bench.harness import BenchmarkFailed, load_average, machine, run_isolated, versions
-from avsync.bench.report import write_report
-from avsync.bench.suite import SUITE
+from benchmarks.harness import BenchmarkFailed, load_average, machine, run_isolated, versions
+from benchmarks.report import write_report
+from benchmarks.suite import SUITE
 
 JSON_NAME, MARKDOWN_NAME = "benchmarks.json", "BENCHMARKS.md"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m avsync.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
     parser.add_argument(
         "--only", nargs="+", choices=sorted(SUITE), metavar="NAME", help=f"of: {', '.join(SUITE)}"
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out_dir / JSON_NAME
     report = _previous(json_path) if args.only else {}
     report.update(
-        command=" ".join(["python -m avsync.bench", *(argv if argv is not None else sys.argv[1:])]),
+        command=" ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         threads=args.threads,
         machine=machine(),
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         options = bench.quick if args.quick else bench.full
         if bench.gpu_only and not torch.cuda.is_available():  # a row that says why, not a silent gap
             results[name] = {"skipped": "no CUDA GPU on this machine (the row fills in where one is)"}
-            print(f"[avsync.bench] {name}: skipped, no CUDA GPU", file=sys.stderr, flush=True)
+            print(f"[benchmarks] {name}: skipped, no CUDA GPU", file=sys.stderr, flush=True)
             continue
-        print(f"[avsync.bench] {name}: {bench.description} ...", file=sys.stderr, flush=True)
+        print(f"[benchmarks] {name}: {bench.description} ...", file=sys.stderr, flush=True)
         started_load = load_average()
         try:
             result = run_isolated(name, options, args.threads, bench.env)
         except BenchmarkFailed as error:
-            print(f"[avsync.bench] {name} FAILED: {error}", file=sys.stderr)
+            print(f"[benchmarks] {name} FAILED: {error}", file=sys.stderr)
             failed.append(name)
             result = {"failed": str(error)[-2000:]}
         result["run"] = {
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             "env": bench.env,
         }
         results[name] = result
-        print(f"[avsync.bench] {name}: done in {result.get('wall_s', '?')} s", file=sys.stderr, flush=True)
+        print(f"[benchmarks] {name}: done in {result.get('wall_s', '?')} s", file=sys.stderr, flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     write_report(report, args.out_dir / MARKDOWN_NAME)
-    print(f"[avsync.bench] wrote {json_path} and {args.out_dir / MARKDOWN_NAME}", file=sys.stderr)
+    print(f"[benchmarks] wrote {json_path} and {args.out_dir / MARKDOWN_NAME}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -1,5 +1,0 @@
-import sys
-
-from avsync.data.synth.generate import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from avsync.synth.generate import main
+
+sys.exit(main())
