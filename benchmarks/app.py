@@ -21,10 +21,10 @@ from benchmarks.harness import machine, peak_rss_mib, time_runs
 def app_latency(repeats: int = 5, seconds: float = 10.0) -> dict:
     from avsync.app.analysis import MAP_KINDS
     from avsync.app.ui import AppConfig, AvsyncApp
-    from avsync.synth import synthesize
-    from avsync.loading import save_backbone
+    from avsync.checkpoints import save_backbone
     from avsync.model import CAVMAESync
     from avsync.recipes import find_recipe
+    from avsync.synth import synthesize
 
     config = yaml.safe_load(find_recipe("pretrain/tiny_cpu").read_text())
     backbone_args = config["model"]["init_args"]["backbone"]["init_args"]

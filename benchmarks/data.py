@@ -40,7 +40,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from benchmarks.harness import interleaved_medians, peak_rss_mib, pin_to_one_core, time_runs
 from avsync.data.clip import ExtractionOptions
 from avsync.data.datamodule import AVShardDataModule
 from avsync.data.images import encode_jpeg
@@ -49,6 +48,7 @@ from avsync.data.samples import ClipDecoder
 from avsync.data.schema import encode_sample, stable_json
 from avsync.data.shard_writer import ShardWriter
 from avsync.data.sources import discover
+from benchmarks.harness import interleaved_medians, peak_rss_mib, pin_to_one_core, time_runs
 
 #: The real clips, as `tests` find them: `../shared/data/videos` relative to the repository root.
 REAL_CLIPS = {

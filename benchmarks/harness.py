@@ -18,9 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -166,7 +166,9 @@ def run_isolated(name: str, options: dict, threads: int, env: Mapping[str, str] 
     command = [sys.executable, "-m", "benchmarks", "--child", name, "--threads", str(threads)]
     command += ["--options", json.dumps(options)]
     started = time.perf_counter()
-    repo_root = str(Path(__file__).resolve().parent.parent)  # `benchmarks` is a top-level folder, not installed
+    repo_root = str(
+        Path(__file__).resolve().parent.parent
+    )  # `benchmarks` is a top-level folder, not installed
     environment = {**os.environ, **(env or {})}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, environment.get("PYTHONPATH")]))
     finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
@@ -180,3 +182,27 @@ def run_isolated(name: str, options: dict, threads: int, env: Mapping[str, str] 
     result = json.loads(lines[-1])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+#: The last commit before issue 22's redesign: the "before" side of its same-run comparisons.
+BEFORE_REDESIGN = "7368bef"
+
+
+def source_tree(revision: str = BEFORE_REDESIGN) -> Path | None:
+    """The `src/` folder of `revision` (a commit of this repository, extracted once with `git archive`
+    into `.cache/`), or `revision` itself when it is a folder holding `avsync/`; None when neither is
+    available (a copy without git history): the comparison is then skipped with its reason."""
+    if (Path(revision) / "avsync").is_dir():
+        return Path(revision)
+    repo = Path(__file__).resolve().parent.parent
+    target = repo / ".cache" / f"src-{revision}"
+    if (target / "src" / "avsync").is_dir():
+        return target / "src"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", revision, "src"], capture_output=True, check=False
+    )
+    if archive.returncode:
+        return None
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target / "src"

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import peak_rss_mib
 from avsync.search.compressed import CompressedSettings
 from avsync.search.index import DIRECTION, TARGET, SearchIndex, build_index
-from avsync.synth.embeddings import MODALITIES, ClusteredGallery
 from avsync.search.vectors import diagonal_mean_vectors
+from avsync.synth.embeddings import MODALITIES, ClusteredGallery
+from benchmarks.harness import peak_rss_mib
 
 
 def current_rss_mib() -> float:

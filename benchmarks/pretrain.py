@@ -3,28 +3,45 @@
 Reported per precision (float32, and bf16 autocast) and device (the CPU, and the GPU when present):
 samples/s, model FLOPs per sample (counted by `torch.utils.flop_counter.FlopCounterMode` on the same
 step, attention included; and as the reference design counted them, without attention's products,
-which that counter cannot see inside SDPA's CPU kernel), achieved FLOP/s, and MFU against a large
-matrix product timed in the same process and precision.
-A profiled step gives the breakdown of where the time goes.
+which that counter cannot see inside SDPA's CPU kernel), achieved FLOP/s, and MFU against the host's
+own matrix peak in that precision (a large product timed in the same process).
 
-`ablation` measures, interleaved step by step in one process, the step as it was before each CPU
-optimization and with it (see `CPU_VARIANTS`), and optionally `torch.compile`.
+Each precision's avsync step is timed interleaved, step by step, with the authors' configuration of
+the same network: PyTorch's kernels (`nn.Linear`, timm's `Attention` on SDPA, as the authors' code
+runs with current timm) and their optimizer (`torch.optim.Adam`, unfused). avsync's step differs in
+what it chooses outside the model: the CPU kernels measured fastest on this host (`avsync.kernels`)
+and the fused Adam. The network is the same (the conformance tests pin it to the authors' outputs);
+the two copies hold the same initial weights. A profiled step gives the breakdown of where the time goes.
+
+`ablation` measures, interleaved step by step in one process, the authors' configuration, then each
+change, and the kernels forced one way (all oneDNN linears, all explicit attention) beside the measured
+choice; optionally `torch.compile`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
+import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.harness import interleaved_medians, peak_rss_mib, time_runs
+from avsync.kernels import (
+    _gemm_nt,
+    chosen_kernels,
+    kernel_cache,
+    linear_kernel,
+    set_kernels,
+    use_kernels,
+)
 from avsync.model import CAVMAESync
-from avsync.onednn import _gemm_nt, linear_kernel
 from avsync.tasks.pretrain import adam_optimizer
+from benchmarks.harness import interleaved_medians, peak_rss_mib, time_runs
 
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -59,17 +76,35 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def reference_kernels(linears: bool = False, attention: bool = False) -> Iterator[None]:
-    """Undo this package's CPU kernel choices for the duration: `linears` back to PyTorch's default
-    (MKL) float32 GEMM, `attention` back to SDPA in every precision."""
-    with contextlib.ExitStack() as stack:
-        if linears:
-            stack.enter_context(mock.patch("avsync.onednn._onednn_applies", return_value=False))
-        if attention:
-            stack.enter_context(
-                mock.patch("avsync.model.attention.explicit_attention_is_faster", return_value=False)
-            )
-        yield
+def fresh_kernel_cache() -> Iterator[str]:
+    """A new, empty kernel cache for the duration, so that the benchmark's first step measures (and its
+    time is reported) and no choice of an earlier run on another machine is reused."""
+    import avsync.kernels
+
+    previous = os.environ.get("AVSYNC_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as directory:
+        os.environ["AVSYNC_CACHE_DIR"] = directory
+        avsync.kernels._cache = None
+        try:
+            yield directory
+        finally:
+            if previous is None:
+                os.environ.pop("AVSYNC_CACHE_DIR", None)
+            else:
+                os.environ["AVSYNC_CACHE_DIR"] = previous
+            avsync.kernels._cache = None
+
+
+def authors_and_avsync(preset: str, device: torch.device, seed: int = 0):
+    """Two copies of one freshly initialized network: the authors' configuration (PyTorch's kernels,
+    unfused Adam) and avsync's (measured kernels, fused Adam), each with its optimizer."""
+    torch.manual_seed(seed)
+    authors = set_kernels(CAVMAESync.from_preset(preset).to(device))
+    ours = use_kernels(copy.deepcopy(authors))
+    return (
+        (authors, adam_optimizer(list(authors.parameters()), fused=False)),
+        (ours, adam_optimizer(list(ours.parameters()))),
+    )
 
 
 def model_flops_per_sample(
@@ -77,27 +112,23 @@ def model_flops_per_sample(
 ) -> float:
     """FLOPs of one training step's forward and backward, per sample, as `FlopCounterMode` counts them.
 
-    Counted with PyTorch's own linear kernels (the counter has no formula for oneDNN's op, which does
+    Counted on a copy with PyTorch's kernels (the counter has no formula for oneDNN's op, which does
     the same products). `attention="explicit"` counts attention's products; with `"sdpa"` the count
     leaves them out, as the counter has no formula for SDPA's CPU kernel either (that is the count of
     the reference design, 126.7 GFLOP at ViT-B)."""
-    explicit = attention == "explicit"
-    with (
-        reference_kernels(linears=True),
-        mock.patch("avsync.model.attention.explicit_attention_is_faster", return_value=explicit),
-        FlopCounterMode(display=False) as counter,
-    ):
+    counted = set_kernels(copy.deepcopy(model), "library", attention)
+    with FlopCounterMode(display=False) as counter:
         with torch.autocast(audio.device.type, dtype=torch.bfloat16):  # the same products, counted faster
-            out = model(audio, video)
+            out = counted(audio, video)
         out.loss.backward()
-    model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / audio.shape[0]
 
 
 # ------------------------------------------------------------------------------------ matmul peak
 def matmul_peak(precision: str, device: torch.device, size: int = 4096, repeats: int = 5) -> dict:
-    """GFLOP/s of a `size`^3 product: `torch.matmul`, and on CPU in float32 also oneDNN (the kernel
-    avsync's linears use there). `best` is the ceiling MFU is measured against."""
+    """The host's matrix peak in `precision`: GFLOP/s of a `size`^3 product (the fastest of `repeats`:
+    a peak, so the run least slowed by other work), by `torch.matmul` and on CPU in float32 also by
+    oneDNN (the other kernel avsync can choose there). `best` is the ceiling MFU is measured against."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device, DTYPES[precision])
     b = torch.randn(size, size, generator=generator).to(device, DTYPES[precision])
@@ -108,7 +139,7 @@ def matmul_peak(precision: str, device: torch.device, size: int = 4096, repeats:
             product()
             synchronize(device)
 
-        return round(flops / time_runs(action, repeats).median / 1e9, 1)
+        return round(flops / min(time_runs(action, repeats).runs) / 1e9, 1)
 
     peaks = {"torch_matmul_gflop_per_s": rate(lambda: a @ b)}
     if device.type == "cpu" and precision == "fp32" and linear_kernel() is not None:
@@ -184,6 +215,17 @@ def profile_breakdown(step: Callable[[], None]) -> dict:
 
 
 # ---------------------------------------------------------------------------------- benchmarks
+def paired_ratio(slower: list[float], faster: list[float]) -> float:
+    """The median of the round-by-round ratios of two interleaved series: each round's pair ran under
+    the same load, so when the load drifts this stays meaningful where a ratio of medians would pair
+    a quiet round of one with a busy round of the other."""
+    return round(statistics.median(a / b for a, b in zip(slower, faster, strict=True)), 3)
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__name__} (fused={bool(optimizer.defaults.get('fused'))})"
+
+
 def pretrain_step(
     preset: str = "vitb",
     batch: int = 8,
@@ -194,66 +236,78 @@ def pretrain_step(
     device: str = "cpu",
     matmul_size: int = 4096,
 ) -> dict:
-    """The step as avsync runs it, per precision: throughput, FLOPs, MFU (against a `matmul_size`^3
-    product), time breakdown."""
+    """avsync's step and the authors' configuration's, interleaved, per precision: throughput, FLOPs,
+    MFU against the host's matrix peak (a `matmul_size`^3 product), the kernels chosen and the time
+    their measurement took, the time breakdown."""
     device = torch.device(device)
-    torch.manual_seed(0)
-    model = CAVMAESync.from_preset(preset).to(device)
-    optimizer = adam_optimizer(list(model.parameters()))
-    audio, video = make_batch(model, batch, device)
+    (authors, authors_optimizer), (ours, optimizer) = authors_and_avsync(preset, device)
+    audio, video = make_batch(ours, batch, device)
     result: dict = {
         "preset": preset,
         "batch": batch,
         "device": str(device),
-        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "optimizer": f"{type(optimizer).__name__} (fused={optimizer.defaults.get('fused')})",
+        "parameters_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
+        "optimizer": describe(optimizer),
+        "authors_optimizer": describe(authors_optimizer),
         "precisions": {},
     }
-    flops = model_flops_per_sample(model, audio, video, "explicit")
+    flops = model_flops_per_sample(ours, audio, video, "explicit")
     result["model_gflop_per_sample"] = round(flops / 1e9, 3)
     result["flop_counter_sdpa_gflop_per_sample"] = round(
-        model_flops_per_sample(model, audio, video, "sdpa") / 1e9, 3
+        model_flops_per_sample(ours, audio, video, "sdpa") / 1e9, 3
     )
-    for precision in precisions:
+    with fresh_kernel_cache():
+        for precision in precisions:
 
-        def step(precision=precision):
-            training_step(model, optimizer, audio, video, precision)
-            synchronize(device)
+            def step(model=ours, optimizer=optimizer, precision=precision):
+                training_step(model, optimizer, audio, video, precision)
+                synchronize(device)
 
-        timing = time_runs(step, steps, warmup)
-        peak = matmul_peak(precision, device, matmul_size)
-        samples_per_s = batch / timing.median
-        achieved = flops * samples_per_s
-        entry = {
-            "samples_per_s": round(samples_per_s, 3),
-            "step": timing.as_dict(),
-            "achieved_gflop_per_s": round(achieved / 1e9, 1),
-            "matmul_peak": peak,
-            "mfu": round(achieved / (peak["best_gflop_per_s"] * 1e9), 3),
-        }
-        if profile and device.type == "cpu":
-            entry["profile"] = profile_breakdown(step)
-        result["precisions"][precision] = entry
+            def authors_step(precision=precision):
+                training_step(authors, authors_optimizer, audio, video, precision)
+                synchronize(device)
+
+            started, measuring = time.perf_counter(), kernel_cache().measuring_s
+            step()  # the first step measures the kernels of each new shape class
+            first_step_s = time.perf_counter() - started
+            measuring_s = kernel_cache().measuring_s - measuring
+            timings = interleaved_medians({"avsync": step, "authors": authors_step}, steps, warmup)
+            timing, authors_timing = timings["avsync"], timings["authors"]
+            peak = matmul_peak(precision, device, matmul_size)
+            samples_per_s = batch / timing.median
+            achieved = flops * samples_per_s
+            entry = {
+                "samples_per_s": round(samples_per_s, 3),
+                "step": timing.as_dict(),
+                "authors_samples_per_s": round(batch / authors_timing.median, 3),
+                "authors_step": authors_timing.as_dict(),
+                "ratio_vs_authors": paired_ratio(authors_timing.runs, timing.runs),
+                "achieved_gflop_per_s": round(achieved / 1e9, 1),
+                "authors_achieved_gflop_per_s": round(flops * batch / authors_timing.median / 1e9, 1),
+                "matmul_peak": peak,
+                "mfu": round(achieved / (peak["best_gflop_per_s"] * 1e9), 3),
+                "kernels": chosen_kernels(ours),
+                "first_step_s": round(first_step_s, 2),
+                "kernel_choice_s": round(measuring_s, 2),
+            }
+            if profile and device.type == "cpu":
+                entry["profile"] = profile_breakdown(step)
+            result["precisions"][precision] = entry
     if device.type == "cuda":
         result["gpu_peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return result
 
 
-#: Per precision, the CPU step before and after each of this package's changes, in the order applied:
-#: (name, `reference_kernels` arguments, fused optimizer).
-CPU_VARIANTS: dict[str, list[tuple[str, dict, bool]]] = {
-    "fp32": [
-        ("before: MKL linears, multi-tensor Adam", {"linears": True, "attention": True}, False),
-        ("+ oneDNN linears", {"attention": True}, False),
-        ("+ fused Adam (avsync)", {}, True),
-    ],
-    "bf16": [
-        ("before: SDPA attention, multi-tensor Adam", {"linears": True, "attention": True}, False),
-        ("+ explicit attention", {"linears": True}, False),
-        ("+ fused Adam (avsync)", {}, True),
-    ],
-}
+#: The CPU step variants of the ablation, in order: (name, kernels, fused Adam). Kernels: `measured`
+#: (`use_kernels`) or a fixed `(linear, attention)` pair (`set_kernels`); the first row is the authors'.
+CPU_VARIANTS: list[tuple[str, str | tuple[str, str], bool]] = [
+    ("authors: PyTorch kernels (MKL linears, SDPA), unfused Adam", ("library", "sdpa"), False),
+    ("+ fused Adam", ("library", "sdpa"), True),
+    ("+ kernels measured on this host (avsync)", "measured", True),
+    ("forced: oneDNN linears, SDPA, fused Adam", ("onednn", "sdpa"), True),
+    ("forced: MKL linears, explicit attention, fused Adam", ("library", "explicit"), True),
+]
 
 
 def pretrain_ablation(
@@ -264,47 +318,61 @@ def pretrain_ablation(
     warmup: int = 1,
     compile: tuple[str, ...] = (),
 ) -> dict:
-    """Each CPU optimization's effect, variants interleaved step by step (same model, same batch).
+    """Each change against the authors' configuration, and the forced kernels beside the measured
+    choice, interleaved step by step (one copy of the network per kernel setting, same initial weights,
+    same batch).
 
-    `compile`: precisions in which `torch.compile` of the model is added as one more variant (its
+    `compile`: precisions in which `torch.compile` of the avsync model is added as one more variant (its
     compilation time is reported separately)."""
-    torch.manual_seed(0)
     device = torch.device("cpu")
-    model = CAVMAESync.from_preset(preset)
-    audio, video = make_batch(model, batch, device)
-    parameters = list(model.parameters())
-    optimizers = {fused: adam_optimizer(parameters, fused=fused) for fused in (False, True)}
+    # two copies: one whose fixed kernels each variant sets before its step (`set_kernels` switches at
+    # once), one whose kernels are measured (a measured choice takes effect from a layer's next call)
+    (fixed, _), (measured, _) = authors_and_avsync(preset, device)
+    audio, video = make_batch(fixed, batch, device)
+    optimizers = {
+        (model is measured, fused): adam_optimizer(list(model.parameters()), fused=fused)
+        for model, fused in ((fixed, False), (fixed, True), (measured, True))
+    }
     result: dict = {"preset": preset, "batch": batch, "precisions": {}}
-    for precision in precisions:
-        actions: dict[str, Callable[[], None]] = {}
-        for name, kernels, fused in CPU_VARIANTS[precision]:
+    with fresh_kernel_cache():
+        for precision in precisions:
+            actions: dict[str, Callable[[], None]] = {}
+            for name, kernels, fused in CPU_VARIANTS:
 
-            def action(kernels=kernels, fused=fused, precision=precision):
-                with reference_kernels(**kernels):
-                    training_step(model, optimizers[fused], audio, video, precision)
+                def action(kernels=kernels, fused=fused, precision=precision):
+                    if kernels == "measured":
+                        training_step(measured, optimizers[(True, fused)], audio, video, precision)
+                    else:
+                        set_kernels(fixed, *kernels)
+                        training_step(fixed, optimizers[(False, fused)], audio, video, precision)
 
-            actions[name] = action
-        entry: dict = {}
-        if precision in compile:
-            compiled = torch.compile(model)
-            started = time.perf_counter()
-            training_step(compiled, optimizers[True], audio, video, precision)
-            entry["compile_first_step_s"] = round(time.perf_counter() - started, 1)
-            actions["avsync + torch.compile"] = lambda p=precision, c=compiled: training_step(
-                c, optimizers[True], audio, video, p
-            )
-        timings = interleaved_medians(actions, steps, warmup)
-        baseline = next(iter(timings.values())).median
-        entry["variants"] = {
-            name: {
-                "samples_per_s": round(batch / timing.median, 3),
-                "speedup_vs_before": round(baseline / timing.median, 3),
-                **timing.as_dict(),
+                actions[name] = action
+            actions[CPU_VARIANTS[2][0]]()  # the measured kernels choose before the timed steps
+            entry: dict = {}
+            if precision in compile:
+                compiled = torch.compile(measured)
+                compiled_optimizer = optimizers[(True, True)]
+                started = time.perf_counter()
+                training_step(compiled, compiled_optimizer, audio, video, precision)
+                entry["compile_first_step_s"] = round(time.perf_counter() - started, 1)
+                actions["avsync + torch.compile"] = lambda p=precision, c=compiled, o=compiled_optimizer: (
+                    training_step(c, o, audio, video, p)
+                )
+            timings = interleaved_medians(actions, steps, warmup)
+            baseline = next(iter(timings.values())).runs
+            entry["variants"] = {
+                name: {
+                    "samples_per_s": round(batch / timing.median, 3),
+                    "speedup_vs_authors": paired_ratio(baseline, timing.runs),
+                    **timing.as_dict(),
+                }
+                for name, timing in timings.items()
             }
-            for name, timing in timings.items()
-        }
-        result["precisions"][precision] = entry
-    result["optimizer_step_ms"] = optimizer_step_ms(optimizers, parameters, steps)
+            entry["kernels"] = chosen_kernels(measured)
+            result["precisions"][precision] = entry
+    parameters = list(fixed.parameters())
+    adams = {fused: adam_optimizer(parameters, fused=fused) for fused in (False, True)}
+    result["optimizer_step_ms"] = optimizer_step_ms(adams, parameters, steps)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return result
 

@@ -15,10 +15,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.harness import peak_rss_mib
 from avsync.model import CAVMAESync
 from avsync.tasks.probe import ProbeModule
 from avsync.tasks.probe.data import CachedFeatureDataModule
+from benchmarks.harness import peak_rss_mib
 
 
 class RandomClips(Dataset):

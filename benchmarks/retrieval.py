@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import peak_rss_mib, time_runs
 from avsync.evaluation.retrieval import evaluate_all, retrieval_metrics
 from avsync.evaluation.similarity import STRATEGIES
+from benchmarks.harness import peak_rss_mib, time_runs
 
 
 def random_unit_tokens(num_clips: int, steps: int, dim: int, seed: int) -> torch.Tensor:

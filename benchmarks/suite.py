@@ -48,7 +48,7 @@ SUITE: dict[str, Benchmark] = {
     "inference": Benchmark(
         "benchmarks.inference:feature_extraction",
         full={"clips": 2, "repeats": 3},
-        quick={"clips": 1, "repeats": 1, "compare_sdpa": False},
+        quick={"clips": 1, "repeats": 1, "compare_library": False},
         description="feature extraction (encode), bf16, 16 pairs per clip",
     ),
     "retrieval": Benchmark(
@@ -87,6 +87,12 @@ SUITE: dict[str, Benchmark] = {
         quick={"repeats": 1, "end_to_end": True, "seconds": 1.0},
         description="`prepare`, one worker on one core, per real clip and whole runs; AudioSet-2M projected",
     ),
+    "prepare_resolutions": Benchmark(
+        "benchmarks.prepare_resolutions:prepare_resolutions",
+        full={"rounds": 3, "clips": {"144p": 16, "360p": 6, "720p": 2}},
+        quick={"rounds": 1, "clips": {"144p": 4, "360p": 2, "720p": 1}},
+        description="`prepare` clips/s per core at 144p, 360p, 720p: before issue 22 and now, same run",
+    ),
     "loader": Benchmark(
         "benchmarks.data:loader_throughput",
         full={"train_samples": 512, "eval_clips": 64, "repeats": 3},
@@ -111,6 +117,42 @@ SUITE: dict[str, Benchmark] = {
         full={"repeats": 5},
         quick={"repeats": 2},
         description="`avsync app`: a 10-s clip's maps and segments after upload, a map switch (tiny model)",
+    ),
+    "tar_reader": Benchmark(
+        "benchmarks.hand_rolled:tar_reader",
+        full={"train_samples": 512, "eval_clips": 64, "repeats": 5},
+        quick={"train_samples": 64, "eval_clips": 8, "repeats": 1},
+        description="issue 22: avsync's tar reader against webdataset's expander, alone and in the loader",
+    ),
+    "pca_fit": Benchmark(
+        "benchmarks.hand_rolled:pca_fit",
+        full={
+            "train_clips": [1024, 2048],
+            "gallery_clips": 20_000,
+            "queries": 50,
+            "repeats": 1,
+            "pca_dim": 1024,
+        },
+        quick={"train_clips": [512], "gallery_clips": 2000, "queries": 10, "pca_dim": 128},
+        description="issue 22: avsync's PCA against faiss.PCAMatrix, alone and in a compressed index build",
+    ),
+    "gallery_reads": Benchmark(
+        "benchmarks.hand_rolled:gallery_reads",
+        full={"clips": 10_000, "reads": 10, "repeats": 5},
+        quick={"clips": 1000, "reads": 3, "repeats": 1},
+        description="issue 22: npz members memory-mapped in place against .npy mmap_mode and np.load",
+    ),
+    "progress_lines": Benchmark(
+        "benchmarks.hand_rolled:progress_lines",
+        full={"steps": 2000, "repeats": 3, "interval": 1.0},
+        quick={"steps": 100, "repeats": 1, "interval": 0.05},
+        description="issue 22: LogLineProgress against Lightning's tqdm and rich bars, written to a file",
+    ),
+    "cli_help": Benchmark(
+        "benchmarks.cli_help:help_times",
+        full={"rounds": 7},
+        quick={"rounds": 2},
+        description="issue 22: `avsync --help` and each tool's, before the redesign and now, same run",
     ),
 }
 

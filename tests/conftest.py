@@ -32,6 +32,15 @@ def shared() -> callable:
     return shared_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache_in_tmp(tmp_path_factory):
+    """Kernel choices measured by the tests (and the commands they start) go to a temporary cache,
+    never to the user's `~/.cache/avsync`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AVSYNC_CACHE_DIR", str(tmp_path_factory.mktemp("kernel_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

@@ -4,6 +4,9 @@ avsync fit --config configs/pretrain/tiny_cpu.yaml      # also validate | test |
 avsync prepare VIDEOS OUT ...                            # raw videos -> WebDataset shards
 avsync synth OUT --clips N --classes K                   # synthetic audio-visual clips
 avsync demo                                              # the end-to-end CPU demo
+
+Each tool's options are one dataclass in `avsync.tools`, which builds its command line; the function it
+names (`RUN`) receives them filled in.
 """
 
 from __future__ import annotations
@@ -14,27 +17,10 @@ import inspect
 import sys
 from pathlib import Path
 
+from avsync.tools import TOOLS, Retrieve, matching, parse
+
 #: Lightning subcommands, run through LightningCLI (configs in `configs/`).
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-
-#: Other subcommands: name -> ("module:function", one-line help). Each function takes its argv.
-TOOLS: dict[str, tuple[str, str]] = {
-    "prepare": ("avsync.data.prepare:main", "raw videos or a CAV-MAE datafile -> WebDataset shards"),
-    "synth": ("avsync.synth:main", "synthetic audio-visual clips with ground truth"),
-    "retrieve": ("avsync.tasks.retrieval:main", "zero-shot audio-visual retrieval (R@1/5/10, median rank)"),
-    "localize": ("avsync.tasks.localization:main", "sound-prompted segmentation heat maps and metrics"),
-    "segment": (
-        "avsync.tasks.segmentation:main",
-        "temporal segmentation of one video into audio-visual events",
-    ),
-    "embed": ("avsync.api:embed_main", "videos -> per-time-step embeddings (npz or parquet)"),
-    "export": ("avsync.api:export_main", "a checkpoint -> backbone weights + config as safetensors"),
-    "index": ("avsync.search.commands:main", "build / search a FAISS index of embedded clips"),
-    "demo": ("avsync.demo:main", "synthesize, prepare, pretrain and evaluate the tiny model on CPU"),
-    "config": ("avsync.recipes:main", "print a shipped recipe (`avsync config --list` names them)"),
-    "app": ("avsync.app.ui:main", "a web page: where the sound is, what happens when, clips alike"),
-}
-
 
 #: Modules whose LightningModule / LightningDataModule subclasses `--model` and `--data` accept by their
 #: short names (`--model PretrainModule`, `--model.help PretrainModule`) and list in `--help`.
@@ -145,14 +131,16 @@ def trainer_defaults() -> dict:
     from avsync.data.skips import LogSkippedSamples
     from avsync.training import CheckpointOnSignal
     from avsync.training.console import SummaryWithoutFlops
+    from avsync.training.kernels import KernelChoice
 
     return {
         # a class path rather than an instance: the saved config.yaml can then show it
         "plugins": [{"class_path": "avsync.training.AtomicCheckpointIO"}],
         # always added, whatever the config's callbacks: stop on signals with a checkpoint, log skipped
         # samples (data/skipped_*, reasons, an end-of-run summary); and a model summary without
-        # Lightning's "Total FLOPs: 0" unless the run has its own (`AVSyncCLI._instantiate_trainer`)
-        "callbacks": [CheckpointOnSignal(), LogSkippedSamples(), SummaryWithoutFlops()],
+        # Lightning's "Total FLOPs: 0" unless the run has its own (`AVSyncCLI._instantiate_trainer`);
+        # and the CPU kernels measured fastest on this host (`avsync.kernels`, `AVSYNC_KERNELS`)
+        "callbacks": [CheckpointOnSignal(), LogSkippedSamples(), SummaryWithoutFlops(), KernelChoice()],
     }
 
 
@@ -171,13 +159,15 @@ def relaunch_argv(program: list[str], argv: list[str]) -> list[str]:
     return [program[0], *argv] if is_avsync else program[:1]
 
 
-def lightning_cli(argv: list[str]):
+def lightning_cli(argv: list[str], report_errors: bool = True):
     """Run LightningCLI on `argv` (`fit --config ...`); model and data are chosen by `class_path`.
 
     Every run writes checkpoints atomically and turns SIGTERM/SIGUSR1 into a checkpoint and a clean
     exit (`avsync.training`); a config's own `trainer.plugins` replace the default checkpoint writer.
+    A bad input (checkpoint, shards, setting) is one line and exit status 2, or with `report_errors`
+    False raised as its own error, for a short form (`avsync retrieve`) to report under its name.
     """
-    from avsync.checkpoint_io import CheckpointError
+    from avsync.checkpoints import CheckpointError
     from avsync.config_checks import ConfigError
     from avsync.data.member_paths import UnsafeNameError
     from avsync.output_paths import OutputError
@@ -198,6 +188,8 @@ def lightning_cli(argv: list[str]):
         cause = _input_error_behind(error, (CheckpointError, UnsafeNameError, ConfigError, OutputError))
         if cause is None:
             raise
+        if not report_errors:
+            raise cause from None
         print(f"avsync {argv[0]}: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -217,20 +209,47 @@ def _input_error_behind(error: BaseException, kinds: tuple[type[Exception], ...]
     return None
 
 
-#: The tools' argparse parsers, in a module that imports no torch (`tool -> module:fn`); `demo` builds its
-#: own, in a module that is quick to import.
-LIGHT_PARSERS: dict[str, str] = {
-    "retrieve": "avsync.tool_parsers:retrieve",
-    "localize": "avsync.tool_parsers:localize",
-    "segment": "avsync.tool_parsers:segment",
-    "prepare": "avsync.tool_parsers:prepare",
-    "synth": "avsync.tool_parsers:synth",
-    "embed": "avsync.tool_parsers:embed",
-    "export": "avsync.tool_parsers:export",
-    "index": "avsync.tool_parsers:index",
-    "config": "avsync.tool_parsers:config",
-    "app": "avsync.tool_parsers:app",
-}
+def run_retrieve(options: Retrieve) -> int:
+    """`avsync retrieve --ckpt PATH --shards DIR`: retrieval over prepared shards, printed and saved.
+
+    The options become a `retrieval_config` (`avsync.tasks.retrieval`), run by the same LightningCLI as
+    `avsync test --config`: the short form lives here, beside it."""
+    import json
+    import tempfile
+
+    import torch
+
+    from avsync.distributed import release_process_group
+    from avsync.output_paths import OutputError, check_output_file, check_output_folder
+    from avsync.tasks.evaluation_trainer import quiet_lightning
+    from avsync.tasks.retrieval import format_table, is_retrieval_config, retrieval_config
+
+    if options.out:  # before the model is read and the shards embedded
+        try:
+            check_output_folder(options.out)
+            check_output_file(  # LightningCLI saves the run's config there (provenance)
+                Path(options.out) / "config.yaml",
+                ours=is_retrieval_config,
+                what="the saved config of an avsync retrieval run",
+            )
+        except OutputError as error:
+            print(f"avsync retrieve: error: {error}", file=sys.stderr)
+            return 2
+    precision = options.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    with tempfile.TemporaryDirectory(prefix="avsync-retrieve-") as scratch:
+        # alignment None: the data module takes the loaded model's (one read)
+        config = retrieval_config(
+            **matching(options, retrieval_config, precision=precision, root_dir=options.out or scratch)
+        )
+        quiet_lightning()  # the table below is the output, not Lightning's hardware banner
+        cli = lightning_cli(["test", "--config", json.dumps(config)], report_errors=False)
+        release_process_group()
+    if cli.trainer.global_rank == 0:
+        print(format_table(cli.model.results))
+        if options.out:
+            rankings = " and rankings/" if options.top_k else ""
+            print(f"wrote {Path(options.out) / 'retrieval.json'}, retrieval.csv{rankings}")
+    return 0
 
 
 def quiet_dependency_warnings() -> None:
@@ -247,7 +266,7 @@ def quiet_dependency_warnings() -> None:
 def _is_input_error(error: BaseException) -> bool:
     """Bad user input (an unreadable checkpoint or video): reported in one line. The classes are looked up
     only when something failed, so that a tool's start does not pay for importing torch here."""
-    from avsync.checkpoint_io import CheckpointError
+    from avsync.checkpoints import CheckpointError
     from avsync.config_checks import ConfigError
     from avsync.data.errors import DecodeError
     from avsync.data.member_paths import UnsafeNameError
@@ -279,13 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         release_process_group()
         return 0
     if command in TOOLS:
-        if command in LIGHT_PARSERS:  # help and usage errors before torch is imported (seconds)
-            parser_module, parser_function = LIGHT_PARSERS[command].split(":")
-            getattr(importlib.import_module(parser_module), parser_function)().parse_args(rest)
+        options = parse(command, rest)  # help and usage errors before torch is imported (seconds)
         quiet_dependency_warnings()
-        module_name, function_name = TOOLS[command][0].split(":")
+        module_name, function_name = options.RUN.split(":")
         try:
-            return int(getattr(importlib.import_module(module_name), function_name)(rest) or 0)
+            return int(getattr(importlib.import_module(module_name), function_name)(options) or 0)
         except Exception as error:
             if not _is_input_error(error):
                 raise

@@ -22,7 +22,6 @@ terminal, a line every 30 s otherwise).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from avsync.recipes import find_recipe
+from avsync.tools import Demo, matching
 
 if TYPE_CHECKING:  # torch and Lightning are imported where they are used: `avsync demo --help` is quick
     from avsync.model import CAVMAESync
@@ -214,7 +214,7 @@ def demo_callbacks(config: Path, interactive: bool | None = None, interval: floa
     log) and a model summary without Lightning's FLOPs line (0 for avsync's dict batches)."""
     import yaml
 
-    from avsync.training.console import is_interactive
+    from avsync.training.console import progress_callback
 
     configured = (yaml.safe_load(config.read_text()) or {}).get("trainer", {}).get("callbacks") or []
     callbacks = [dict(c) for c in (configured if isinstance(configured, list) else [configured])]
@@ -230,12 +230,7 @@ def demo_callbacks(config: Path, interactive: bool | None = None, interval: floa
                 "save_on_train_epoch_end": True,
                 "enable_version_counter": False,
             }
-    interactive = is_interactive() if interactive is None else interactive
-    bar = (
-        {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}
-        if interactive
-        else {"class_path": "avsync.training.console.LogLineProgress", "init_args": {"interval": interval}}
-    )
+    bar = progress_callback(interactive, interval)
     return [*callbacks, bar, {"class_path": "avsync.training.console.SummaryWithoutFlops"}]
 
 
@@ -527,7 +522,7 @@ def run_demo(
 
     import torch
 
-    from avsync.loading import load_backbone
+    from avsync.checkpoints import load_backbone
     from avsync.model import CAVMAESync
 
     trained = load_backbone(run.checkpoint)
@@ -546,79 +541,27 @@ def run_demo(
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="avsync demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("shards/demo"),
-        help="data, runs and results (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_RECIPE,
-        help="pretraining config: a file or a recipe name (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--clips", type=int, default=320, help="synthetic clips, 20%% held out (default: %(default)s)"
-    )
-    parser.add_argument("--classes", type=int, default=8, help="synthetic classes (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the config's)")
-    parser.add_argument(
-        "--mae-config",
-        default=DEFAULT_MAE_RECIPE,
-        help="image-MAE stage config: a file or a recipe name (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--mae-epochs", type=int, default=None, help="image-MAE stage epochs (default: the config's)"
-    )
-    parser.add_argument(
-        "--kind",
-        choices=("tones", "speechlike"),
-        default="tones",
-        help="the synthetic set (`avsync synth --kind`; default: %(default)s); one --workdir per kind",
-    )
-    parser.add_argument("--probe-epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="processes for synthesis and preparation")
-    args, fit_args = parser.parse_known_args(argv)
+def demo(options: Demo) -> int:
+    """`avsync demo`: run the demo and print its table (exit status 2 for an unusable config or workdir)."""
     try:
-        args.config = Path(args.config) if Path(args.config).is_file() else find_recipe(args.config)
-        mae = args.mae_config
-        args.mae_config = Path(mae) if Path(mae).is_file() else find_recipe(mae)
+        config = Path(options.config) if Path(options.config).is_file() else find_recipe(options.config)
+        mae = options.mae_config
+        mae_config = Path(mae) if Path(mae).is_file() else find_recipe(mae)
     except ValueError as error:
-        parser.error(str(error))
+        print(f"avsync demo: error: {error}", file=sys.stderr)
+        return 2
     from avsync.output_paths import OutputError
 
     try:
-        check_workdir(args.workdir.resolve())  # before anything is imported or written
+        check_workdir(options.workdir.resolve())  # before anything is imported or written
     except OutputError as error:
         print(f"avsync demo: error: {error}", file=sys.stderr)
         return 2
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
-    run = run_demo(
-        args.workdir,
-        args.config,
-        args.clips,
-        args.classes,
-        args.epochs,
-        args.probe_epochs,
-        args.seed,
-        args.workers,
-        fit_args,
-        args.mae_config,
-        args.mae_epochs,
-        args.kind,
-    )
+    run = run_demo(**matching(options, run_demo, config=config, mae_config=mae_config))
     print()
     print(run.table())
     print(f"\nresults: {run.workdir / 'results.json'}; checkpoint: {run.checkpoint}")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in run.timings.items()))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

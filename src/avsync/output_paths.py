@@ -2,7 +2,7 @@
 
 A command writes over nothing the user did not hand over to it: never over one of its own inputs, never
 over an existing file that is not its own earlier output (each output format says how it is recognised:
-`avsync.api.outputs.is_embeddings_file`, `avsync.api.model.is_backbone_export`), and an output folder
+`avsync.api.outputs.is_embeddings_file`, `avsync.checkpoints.is_backbone_export`), and an output folder
 only where a folder can be. The checks run before the model is loaded, so a wrong path costs a second,
 not an evaluation, and is reported in one line (`OutputError`, a `ValueError`: exit status 2).
 """

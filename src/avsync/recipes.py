@@ -12,7 +12,7 @@ import sys
 from importlib.resources import as_file, files
 from pathlib import Path
 
-from avsync.tool_parsers import config as build_parser
+from avsync.tools import Config
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -74,15 +74,14 @@ def _resolve(value: str) -> str:
     return str(find_recipe(value))
 
 
-def main(argv: list[str]) -> int:
+def run_config(options: Config) -> int:
     """`avsync config NAME` prints a recipe; `avsync config --list` names them all."""
-    args = build_parser().parse_args(argv)
-    if args.list or args.name is None:
+    if options.list or options.name is None:
         for name in recipes():
             print(name)
         return 0
     try:
-        path = find_recipe(args.name)
+        path = find_recipe(options.name)
     except ValueError as error:
         print(f"avsync config: error: {error}", file=sys.stderr)
         return 2

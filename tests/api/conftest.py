@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from avsync.synth import synthesize
+from avsync.checkpoints.authors import AUTHORS_FIXED, AUTHORS_RULES, AUTHORS_UNUSED, _translate
 from avsync.model import CAVMAESync
 from avsync.model.embeddings import sincos_2d
-from avsync.model.interop import AUTHORS_FIXED, AUTHORS_RULES, AUTHORS_UNUSED, _translate
+from avsync.synth import synthesize
 from avsync.tasks import PretrainModule
 from tests.conftest import shared_path
 

@@ -12,9 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import avsync.api
-from avsync.api import export_main, load
-from avsync.checkpoint_io import CheckpointError
-from avsync.loading import CONFIG_METADATA_KEY, FORMAT_VERSION, load_backbone, save_backbone
+from avsync.api import load
+from avsync.checkpoints import (
+    CONFIG_METADATA_KEY,
+    FORMAT_VERSION,
+    CheckpointError,
+    load_backbone,
+    save_backbone,
+)
+from avsync.cli import main as avsync_main
 from avsync.model import CAVMAESync
 from tests.api.conftest import (
     AUTHORS_KWARGS,
@@ -25,6 +31,11 @@ from tests.api.conftest import (
     shrink_authors_state,
 )
 from tests.conftest import shared_path
+
+
+def export_main(argv: list[str]) -> int:
+    """`avsync export ARGV`, as the command runs it."""
+    return avsync_main(["export", *argv])
 
 
 def embeddings(model, audio: torch.Tensor, video: torch.Tensor) -> list[torch.Tensor]:

@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from avsync.api import embed_main, load
+from avsync.api import load
 from avsync.api.outputs import MISSING_PYARROW, PARQUET_METADATA_KEY
+from avsync.cli import main as avsync_main
 from avsync.evaluation.retrieval import evaluate_all, retrieval_metrics
 
 NPZ_ARRAYS = {"keys", "paths", "audio", "video", "frame_times", "durations", "metadata"}
+
+
+def embed_main(argv: list[str]) -> int:
+    """`avsync embed ARGV`, as the command runs it."""
+    return avsync_main(["embed", *argv])
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,21 @@ import numpy as np
 import pytest
 import torch
 
-from avsync.api import embed_main
 from avsync.api.outputs import read_shard_embeddings
+from avsync.checkpoints import save_backbone
+from avsync.cli import main as avsync_main
 from avsync.data.datamodule import AVShardDataModule
-from avsync.loading import save_backbone
 from avsync.model import CAVMAESync
 from tests.api.conftest import SMALL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FRAMES = 4
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def embed_main(argv: list[str]) -> int:
+    """`avsync embed ARGV`, as the command runs it."""
+    return avsync_main(["embed", *argv])
 
 
 def write_shards(directory: Path, sizes: list[int], repeat: str | None = None) -> list[str]:
@@ -82,7 +87,7 @@ def collection(tmp_path_factory):
 
 def expected(shards: Path, ckpt: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each clip's global tokens straight from the backbone, on the shard reader's evaluation batches."""
-    from avsync.loading import load_backbone
+    from avsync.checkpoints import load_backbone
 
     backbone = load_backbone(ckpt).eval()
     data = AVShardDataModule(

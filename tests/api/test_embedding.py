@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from avsync.api import load
+from avsync.checkpoints import load_backbone
 from avsync.data.clip import extract_video_clip
 from avsync.data.datamodule import AVShardDataModule
 from avsync.data.errors import DecodeError
 from avsync.data.prepare import prepare
 from avsync.data.transforms import AudioWindows, CenterFrame, frames_to_tensor
-from avsync.loading import load_backbone
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,10 @@ MAX_SECONDS = 8.0
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(url, checkpoint, clips, bad inputs): `avsync app` serving a tiny model, an index and examples."""
+    from avsync.checkpoints import save_backbone
     from avsync.cli import main as avsync_main
-    from avsync.synth import synthesize
-    from avsync.loading import save_backbone
     from avsync.model import CAVMAESync
+    from avsync.synth import synthesize
     from tests.reliability.hostile_media import tone, write_media
 
     root = tmp_path_factory.mktemp("app")
@@ -323,7 +323,6 @@ def test_four_browser_sessions_at_once(served, browser):
 
 
 def test_the_server_binds_to_loopback_by_default():
-    from avsync.tool_parsers import app
+    from avsync.tools import parse
 
-    args = app().parse_args(["--ckpt", "x"])
-    assert args.host == "127.0.0.1"
+    assert parse("app", ["--ckpt", "x"]).host == "127.0.0.1"

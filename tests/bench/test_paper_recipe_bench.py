@@ -10,11 +10,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from avsync.model import CAVMAESync
+from avsync.tasks.pretrain import PretrainModule
 from benchmarks.paper_recipe import StepTimer
 from benchmarks.report import render
 from benchmarks.suite import SUITE
-from avsync.model import CAVMAESync
-from avsync.tasks.pretrain import PretrainModule
 
 TINY = dict(
     image_size=32, audio_length=32, mel_bins=32, embed_dim=32, num_heads=2, encoder_depth=1,

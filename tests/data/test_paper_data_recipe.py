@@ -308,12 +308,15 @@ def test_a_fit_says_its_plan_at_start_up_and_warns_when_the_batch_is_not_the_rec
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     rank_zero.log.addHandler(handler)
+    level = rank_zero.log.level
+    rank_zero.log.setLevel(logging.INFO)  # an earlier tool run in this process may have quietened it
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(module, datamodule=data)
     finally:
         rank_zero.log.removeHandler(handler)
+        rank_zero.log.setLevel(level)
     # 8 clips listed, one rank, batches of 2: 4 batches per epoch, optimizer steps after every `accumulate`
     terms = "2 per rank x 1 rank(s)" + (" x 2 accumulated" if accumulate == 2 else "")
     assert [line for line in lines if line.startswith("training: ")] == [

@@ -21,13 +21,19 @@ import pytest
 import torch
 from PIL import Image
 
+from avsync.cli import main as avsync_main
 from avsync.data.labels import ClassList, LabelError, read_labels_csv
-from avsync.data.prepare import FAILURES_NAME, MANIFEST_NAME, main, parse_size, prepare
+from avsync.data.prepare import FAILURES_NAME, MANIFEST_NAME, parse_size, prepare
 from avsync.data.sources import ClipSource, assign_keys, base_key, short_hash
 
 from .conftest import authors_fbank, write_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str]) -> int:
+    """`avsync prepare ARGV`, as the command runs it."""
+    return avsync_main(["prepare", *argv])
 
 
 def read_shards(directory: Path) -> dict[str, dict[str, bytes]]:

@@ -19,8 +19,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from avsync.cli import main as avsync_main
 from avsync.data.alignment import frame_times
-from avsync.synth import SynthManifest, load_synth, main, synthesize
+from avsync.synth import SynthManifest, load_synth, synthesize
+from avsync.synth.generate import PRODUCT_FILES
 from avsync.synth.timeline import sample_timeline
 
 from .conftest import authors_fbank
@@ -28,6 +30,11 @@ from .conftest import authors_fbank
 # Small clips: 4 s at 10 fps, 64x64, 2-3 events of at least 1 s, 6 classes.
 SMALL = dict(clips=4, classes=6, duration=4.0, size=64, events=(2, 3), min_event=1.0)
 SATURATED = 60  # max - min over RGB: every object pixel is above, the grey background below
+
+
+def main(argv: list[str]) -> int:
+    """`avsync synth ARGV`, as the command runs it."""
+    return avsync_main(["synth", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +230,18 @@ def test_tables_splits_and_manifest_agree_with_the_annotations(synth_set):
     assert stored["parameters"]["seed"] == 0 and stored["counts"]["clips"] == 4
     assert [c["display_name"] for c in stored["classes"]] == [r["display_name"] for r in rows]
     assert load_synth(out).splits == {"train": train, "test": test}
+    # what the product reads as it reads real data: per split a localization manifest (a row per annotated
+    # frame, docs/localization.md's `video,frame,mask,class` form) and its class list in index order
+    assert (out / "localization_classes.txt").read_text().split() == [f"synth_{k}" for k in range(6)]
+    for split, clips in (("train", train), ("test", test), ("all", [c.clip_id for c in synth_set.clips])):
+        with open(synth_set.localization_manifest(None if split == "all" else split), newline="") as f:
+            rows = [(r["video"], int(r["frame"]), r["mask"], r["class"]) for r in csv.DictReader(f)]
+        frames = {c: synth_set.annotation(c)["frames"] for c in clips}
+        assert rows == [
+            (f"videos/{c}.mp4", i, mask, f"synth_{k}")
+            for c in clips
+            for i, (mask, k) in enumerate(zip(frames[c]["masks"], frames[c]["class_indices"], strict=True))
+        ]
 
 
 def test_same_seed_gives_identical_files_whatever_the_workers_and_another_seed_differs(
@@ -235,7 +254,7 @@ def test_same_seed_gives_identical_files_whatever_the_workers_and_another_seed_d
         for i in range(16):
             mask = Path("masks") / clip.clip_id / f"f{i:02d}.png"
             assert (synth_set.out_dir / mask).read_bytes() == (same_seed_inline.out_dir / mask).read_bytes()
-    for table in ("labels.csv", "classes.csv", "synth.json", "splits/test.txt"):
+    for table in ("labels.csv", "classes.csv", "synth.json", "splits/test.txt", *PRODUCT_FILES):
         assert (synth_set.out_dir / table).read_text() == (same_seed_inline.out_dir / table).read_text()
 
     other = synthesize(tmp_path / "other", seed=1, workers=0, **SMALL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 from pathlib import Path
 
@@ -105,3 +106,36 @@ def test_empty_and_garbage_files_are_errors_and_a_bad_later_header_ends_the_arch
     corrupt.write_bytes(bytes(data))
     with corrupt.open("rb") as stream:
         assert list(tar_members(stream)) == reference(corrupt) == [("a.jpg", b"1")]
+
+
+_OPENED: list[str] | None = None  # paths opened while a test records them (an audit hook stays installed)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], str | Path):
+        _OPENED.append(str(args[0]))
+
+
+def test_a_pass_over_shards_opens_each_shard_file_once(tmp_path):
+    """Issue 22: each shard is opened once per use (by webdataset's `url_opener`, read as one stream)."""
+    global _OPENED
+    from avsync.data.datamodule import AVShardDataModule
+
+    from .conftest import write_shards
+
+    ids = write_shards(tmp_path / "shards", [3, 2])
+    module = AVShardDataModule(
+        train_shards=str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"), batch_size=2,
+        eval_batch_size=2, num_workers=0, image_size=32, audio_length=64,
+    )  # fmt: skip
+    module.setup("fit")
+    sys.addaudithook(_record_opens)
+    _OPENED = []
+    try:
+        keys = [key for batch in module.val_dataloader() for key in batch["key"]]
+    finally:
+        opened, _OPENED = _OPENED, None
+    assert len(keys) == len(ids)
+    shards = sorted(str(path) for path in (tmp_path / "shards").glob("*.tar"))
+    assert len(shards) == 2
+    assert sorted(path for path in opened if path.endswith(".tar")) == shards

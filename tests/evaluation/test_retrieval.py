@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avsync.evaluation.matmul import matmul_nt
 from avsync.evaluation.ranking import median_rank, rank_of_truth, summarize_ranks, top_k_targets
 from avsync.evaluation.retrieval import (
     DIRECTIONS,
@@ -23,6 +22,7 @@ from avsync.evaluation.retrieval import (
     write_rankings_csv,
 )
 from avsync.evaluation.similarity import STRATEGIES, similarity
+from avsync.kernels import matmul_nt
 
 
 def brute_force_similarity(queries: torch.Tensor, targets: torch.Tensor, strategy: str) -> torch.Tensor:

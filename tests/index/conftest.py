@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from avsync.api import embed_main
-from avsync.loading import save_backbone
+from avsync.checkpoints import save_backbone
+from avsync.cli import main as avsync_main
 from avsync.model import CAVMAESync
 from avsync.synth.embeddings import ClusteredGallery
 from tests.api.conftest import REAL_CLIPS, SMALL
@@ -18,6 +18,11 @@ from tests.conftest import shared_path
 
 #: 2,000 clips of 16 tokens of 64 in 20 categories: small, but clustered like real embeddings.
 SMALL_GALLERY = ClusteredGallery(num_clips=2000, dim=64, clusters=20, chunk_size=2000, seed=3)
+
+
+def embed_main(argv: list[str]) -> int:
+    """`avsync embed ARGV`, as the command runs it."""
+    return avsync_main(["embed", *argv])
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from avsync.search.vectors import diagonal_mean_vectors
+from avsync.synth.embeddings import ClusteredGallery
 from benchmarks import retrieval
 from benchmarks.index import GroundTruth, index_benchmark
 from benchmarks.report import render
-from avsync.synth.embeddings import ClusteredGallery
-from avsync.search.vectors import diagonal_mean_vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,19 +14,23 @@ import numpy as np
 import pytest
 import torch
 
-from avsync.api import embed_main
 from avsync.api.outputs import read_shard_embeddings
+from avsync.checkpoints import save_backbone
 from avsync.cli import main
 from avsync.data.audio import decode_audio
 from avsync.data.media import open_media
 from avsync.evaluation.similarity import similarity
-from avsync.loading import save_backbone
 from avsync.model import CAVMAESync
 from tests.api.conftest import SMALL
 from tests.api.test_embed_shards import checkpoint, write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def embed_main(argv: list[str]) -> int:
+    """`avsync embed ARGV`, as the command runs it."""
+    return main(["embed", *argv])
 
 
 def same_results(found: dict, expected: dict) -> None:

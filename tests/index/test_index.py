@@ -4,6 +4,9 @@ on a clustered gallery, galleries are read in place, and unusable inputs are ref
 from __future__ import annotations
 
 import json
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +17,9 @@ from avsync.search import CompressedSettings, Gallery, SearchError, SearchIndex,
 from avsync.search.compressed import fit_pca
 from avsync.search.gallery import GalleryError, npz_member
 from avsync.search.index import KINDS, TARGET
-from avsync.synth.embeddings import ClusteredGallery
 from avsync.search.vectors import diagonal_mean_vectors
-from avsync.tool_parsers import INDEX_DEFAULTS, INDEX_KINDS, index
+from avsync.synth.embeddings import ClusteredGallery
+from avsync.tools import IndexBuild, parse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUERIES = 60
@@ -124,6 +127,48 @@ def test_galleries_are_read_in_place_from_npz(clustered, tmp_path):
         gallery.tokens("audio", [0])
 
 
+_OPENED: list[str] | None = None  # paths opened while a test records them (an audit hook stays installed)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], str | Path):
+        _OPENED.append(str(args[0]))
+
+
+def test_an_npz_gallery_is_opened_once_and_compressed_members_are_read_whole(clustered, tmp_path):
+    """Issue 22: one open per file per use; the memory maps share it. A compressed npz still reads."""
+    global _OPENED
+    stored, packed = tmp_path / "stored.npz", tmp_path / "packed.npz"
+    arrays = {"keys": clustered["ids"][:50], "audio": clustered["audio"][:50].astype(np.float16)}
+    arrays["video"] = clustered["video"][:50].astype(np.float16)
+    metadata = np.array(json.dumps({"checkpoint": "x.ckpt"}))
+    np.savez(stored, **arrays, metadata=metadata)
+    np.savez_compressed(packed, **arrays, metadata=metadata)
+    sys.addaudithook(_record_opens)
+    _OPENED = []
+    try:
+        gallery = Gallery.open(stored)
+        rows = gallery.tokens("video", [7, 2]), gallery.tokens("audio", [30])
+        streamed = [chunk for _, chunk in gallery.chunks(16)]
+    finally:
+        opened, _OPENED = _OPENED, None
+    assert [path for path in opened if path.endswith(".npz")] == [str(stored)]
+    assert all(isinstance(gallery.parts[0].arrays[m], np.memmap) for m in ("audio", "video"))
+    assert gallery.metadata == {"checkpoint": "x.ckpt"} and len(streamed) == 4
+    np.testing.assert_array_equal(rows[0], arrays["video"][[7, 2]])
+    np.testing.assert_array_equal(rows[1], arrays["audio"][[30]])
+    whole = Gallery.open(packed)
+    assert not isinstance(whole.parts[0].arrays["video"], np.memmap) and whole.metadata == gallery.metadata
+    np.testing.assert_array_equal(whole.tokens("video", [7, 2]), rows[0])
+    damaged = tmp_path / "damaged.npz"
+    data = bytearray(stored.read_bytes())
+    with zipfile.ZipFile(stored) as archive:
+        data[archive.getinfo("video.npy").header_offset] ^= 0xFF  # the member's local header breaks
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(GalleryError, match=r"damaged.npz: not a readable npz file \(Bad magic number"):
+        Gallery.open(damaged)
+
+
 def test_unusable_inputs_are_refused_with_the_file_and_the_problem(exact_index, clustered, tmp_path):
     with pytest.raises(SearchError, match=r"nowhere: not an index \(no such directory\)"):
         SearchIndex(tmp_path / "nowhere")
@@ -185,8 +230,12 @@ def test_the_synthetic_gallery_regenerates_any_chunk_alone():
 
 
 def test_the_parser_spells_out_the_library_defaults():
-    assert set(INDEX_KINDS) == set(KINDS)
-    settings = CompressedSettings()
-    assert INDEX_DEFAULTS == {name: getattr(settings, name) for name in INDEX_DEFAULTS}
-    args = index().parse_args(["build", "embeddings", "--out", "idx"])
-    assert (args.kind, args.pca_dim, args.candidates) == ("compressed", 1024, 2000)
+    import dataclasses
+    import typing
+
+    assert set(typing.get_args(typing.get_type_hints(IndexBuild)["kind"])) == set(KINDS)
+    settings = dataclasses.asdict(CompressedSettings())
+    shown = {f.name: f.default for f in dataclasses.fields(IndexBuild) if f.name in settings}
+    assert shown and shown == {name: settings[name] for name in shown}
+    options = parse("index", ["build", "embeddings", "--out", "idx"])
+    assert (options.kind, options.pca_dim, options.candidates) == ("compressed", 1024, 2000)

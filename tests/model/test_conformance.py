@@ -7,7 +7,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError, load_authors_checkpoint
 from avsync.model import CAVMAESync
 from tests.conftest import shared_path
 
@@ -25,7 +25,7 @@ def fixture() -> dict:
 
 @pytest.fixture(scope="module")
 def released(fixture) -> CAVMAESync:
-    return CAVMAESync.from_authors_checkpoint(fixture["state_dict"], **fixture["config"]).eval()
+    return load_authors_checkpoint(fixture["state_dict"], **fixture["config"]).eval()
 
 
 def features(model: CAVMAESync, fixture: dict) -> dict[str, torch.Tensor]:
@@ -47,7 +47,7 @@ def test_encode_reproduces_the_released_features(released, fixture):
 
 @pytest.mark.parametrize("targets", ["raw_pix", "norm_pix"])
 def test_pretrain_loss_reproduces_masks_losses_and_reconstructions(fixture, targets):
-    model = CAVMAESync.from_authors_checkpoint(
+    model = load_authors_checkpoint(
         fixture["state_dict"], **fixture["config"], norm_pix_loss=targets == "norm_pix"
     ).eval()
     expected = fixture[targets]
@@ -87,7 +87,7 @@ def test_each_joint_layernorm_set_drives_its_own_modality(fixture, released, aut
     state = dict(fixture["state_dict"])
     state[f"{authors_norm}.weight"] = state[f"{authors_norm}.weight"] * 1.5
     state[f"{authors_norm}.bias"] = state[f"{authors_norm}.bias"] + 0.25
-    perturbed = features(CAVMAESync.from_authors_checkpoint(state, **fixture["config"]).eval(), fixture)
+    perturbed = features(load_authors_checkpoint(state, **fixture["config"]).eval(), fixture)
     reference = features(released, fixture)
     for kind in ("global", "patch"):
         assert relative_error(perturbed[f"feat_{kind}_{changes}"], reference[f"feat_{kind}_{changes}"]) > 1e-2
@@ -97,7 +97,7 @@ def test_each_joint_layernorm_set_drives_its_own_modality(fixture, released, aut
 def test_joint_pass_norms_feed_only_the_decoder(fixture, released):
     state = dict(fixture["state_dict"])
     state["blocks_u.0.norm1.weight"] = state["blocks_u.0.norm1.weight"] * 1.5
-    model = CAVMAESync.from_authors_checkpoint(state, **fixture["config"]).eval()
+    model = load_authors_checkpoint(state, **fixture["config"]).eval()
     assert torch.equal(
         features(model, fixture)["feat_global_a"], features(released, fixture)["feat_global_a"]
     )
@@ -108,7 +108,7 @@ def test_joint_pass_norms_feed_only_the_decoder(fixture, released):
 
 def test_module_prefix_is_accepted(fixture, released):
     prefixed = {f"module.{k}": v for k, v in fixture["state_dict"].items()}
-    model = CAVMAESync.from_authors_checkpoint(prefixed, **fixture["config"]).eval()
+    model = load_authors_checkpoint(prefixed, **fixture["config"]).eval()
     for (name, a), b in zip(model.state_dict().items(), released.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -116,7 +116,7 @@ def test_module_prefix_is_accepted(fixture, released):
 def test_loading_from_a_file(tmp_path, fixture, released):
     path = tmp_path / "released.pth"
     torch.save({f"module.{k}": v for k, v in fixture["state_dict"].items()}, path)
-    model = CAVMAESync.from_authors_checkpoint(path, **fixture["config"]).eval()
+    model = load_authors_checkpoint(path, **fixture["config"]).eval()
     assert torch.equal(
         features(model, fixture)["feat_global_a"], features(released, fixture)["feat_global_a"]
     )
@@ -127,7 +127,7 @@ def test_missing_and_unexpected_keys_are_listed(fixture):
     del state["blocks_v.3.attn.qkv.weight"]
     state["surprise.weight"] = torch.zeros(3)
     with pytest.raises(CheckpointError) as error:
-        CAVMAESync.from_authors_checkpoint(state, **fixture["config"])
+        load_authors_checkpoint(state, **fixture["config"])
     message = str(error.value)
     assert "video_encoder.3.attn.qkv.weight" in message and "surprise.weight" in message
 
@@ -135,14 +135,14 @@ def test_missing_and_unexpected_keys_are_listed(fixture):
 def test_arguments_that_contradict_the_weights_are_refused(fixture):
     config = {**fixture["config"], "num_register_tokens": 4}
     with pytest.raises(CheckpointError, match="num_registers"):
-        CAVMAESync.from_authors_checkpoint(fixture["state_dict"], **config)
+        load_authors_checkpoint(fixture["state_dict"], **config)
 
 
 def test_positional_tables_must_be_the_fixed_ones(fixture):
     state = dict(fixture["state_dict"])
     state["pos_embed_a"] = state["pos_embed_a"] + 0.1
     with pytest.raises(CheckpointError, match="pos_embed_a"):
-        CAVMAESync.from_authors_checkpoint(state, **fixture["config"])
+        load_authors_checkpoint(state, **fixture["config"])
 
 
 def test_learned_positional_tables_load_with_the_authors_tr_pos(fixture, released):
@@ -150,8 +150,8 @@ def test_learned_positional_tables_load_with_the_authors_tr_pos(fixture, release
     generator = torch.Generator().manual_seed(0)
     state["pos_embed_a"] = state["pos_embed_a"] + torch.randn(state["pos_embed_a"].shape, generator=generator)
     with pytest.raises(CheckpointError, match=r"pos_embed_a.*pass tr_pos=True"):
-        CAVMAESync.from_authors_checkpoint(state, **fixture["config"])
-    model = CAVMAESync.from_authors_checkpoint(state, **fixture["config"], tr_pos=True).eval()
+        load_authors_checkpoint(state, **fixture["config"])
+    model = load_authors_checkpoint(state, **fixture["config"], tr_pos=True).eval()
     assert torch.equal(model.state_dict()["audio_tokenizer.pos_embed"], state["pos_embed_a"])
     assert model.config["learned_positions"] and "learned_positions" not in released.config
     shifted = features(model, fixture)["feat_global_a"]
@@ -167,7 +167,7 @@ def probe_fixture() -> dict:
 
 @pytest.fixture(scope="module")
 def classifier(probe_fixture):
-    from avsync.model.interop import load_authors_classifier
+    from avsync.checkpoints import load_authors_classifier
 
     return load_authors_classifier(probe_fixture["state_dict"], **probe_fixture["config"])
 
@@ -213,7 +213,7 @@ def test_the_probe_module_defaults_to_the_authors_features(classifier, probe_fix
 
 
 def test_other_classifier_heads_and_modes_are_refused_by_name(probe_fixture):
-    from avsync.model.interop import load_authors_classifier
+    from avsync.checkpoints import load_authors_classifier
 
     state, config = probe_fixture["state_dict"], probe_fixture["config"]
     with pytest.raises(CheckpointError, match="mode='audioonly' is not supported"):

@@ -10,9 +10,9 @@ import timm
 import torch
 from timm.models.vision_transformer import Block
 
-from avsync.checkpoint_io import CheckpointError, read_weights
+from avsync.checkpoints import CheckpointError, init_from_mae, read_weights
+from avsync.checkpoints.authors import AUTHORS_FIXED, authors_key, load_authors_checkpoint
 from avsync.model import CAVMAESync
-from avsync.model.interop import AUTHORS_FIXED, authors_key, init_from_mae, load_authors_checkpoint
 
 SMALL = dict(
     image_size=32, audio_length=32, mel_bins=32, embed_dim=32, num_heads=2, encoder_depth=2,

@@ -12,9 +12,8 @@ import pickle
 import pytest
 import torch
 
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import MAE_FULL_URL, CheckpointError, init_from_mae
 from avsync.model import CAVMAESync
-from avsync.model.interop import MAE_FULL_URL, init_from_mae
 from avsync.tasks.image_mae import ImageMAE
 
 #: 2 modality-specific blocks + 1 joint block, so the MAE ViT has 3 blocks (CAV-MAE: 11 + 1 of 12)

@@ -100,8 +100,8 @@ def output_kit(tmp_path_factory) -> dict[str, Path]:
     from PIL import Image
 
     from avsync.api import load, write_embeddings
+    from avsync.checkpoints import save_backbone
     from avsync.data.prepare import prepare
-    from avsync.loading import save_backbone
     from avsync.model import CAVMAESync
 
     from .hostile_media import write_media

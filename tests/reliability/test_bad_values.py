@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from avsync.checkpoints import save_backbone
 from avsync.cli import main as avsync_main
 from avsync.config_checks import ConfigError
 from avsync.data.datamodule import AVShardDataModule
-from avsync.loading import save_backbone
 from avsync.model import CAVMAESync
 from avsync.tasks import PretrainModule
 from avsync.tasks.localization_data import LocalizationDataModule

@@ -25,9 +25,8 @@ from safetensors.torch import save_file
 
 import avsync
 from avsync.api import export as export_checkpoint
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError, load_backbone, save_backbone
 from avsync.cli import main as avsync_main
-from avsync.loading import load_backbone, save_backbone
 from avsync.model import CAVMAESync
 
 from .conftest import SMALL_BACKBONE, avsync_command, avsync_env, checkpoints_dir, fit_config

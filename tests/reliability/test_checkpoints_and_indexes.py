@@ -27,9 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 import avsync
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError, load_backbone, save_backbone
 from avsync.cli import main as avsync_main
-from avsync.loading import load_backbone, save_backbone
 from avsync.model import CAVMAESync
 from avsync.tasks.probe.features import fingerprint
 from tests.api.conftest import AUTHORS_KWARGS, REFERENCE, SMALL, shrink_authors_state

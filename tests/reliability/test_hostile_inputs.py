@@ -25,12 +25,11 @@ import pytest
 import torch
 import yaml
 
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError, load_backbone
 from avsync.cli import main as avsync_main
 from avsync.data.datamodule import AVShardDataModule
 from avsync.data.fbank import log_mel_fbank
 from avsync.data.schema import decode_npy, encode_npy
-from avsync.loading import load_backbone
 
 from .conftest import TINY_CONFIG, avsync_command, avsync_env, fit_config, shard_keys
 from .hostile_media import tone, write_media

@@ -24,7 +24,7 @@ import pytest
 
 from avsync.api.commands import video_paths
 from avsync.api.videos import VideoFiles, VideoInputs, VideoReader
-from avsync.data.prepare import main as prepare_main
+from avsync.cli import main as avsync_main
 
 from .conftest import avsync_command, avsync_env
 from .hostile_media import tone, write_media
@@ -34,6 +34,11 @@ ROOT_ONLY = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv to run avsync as an unprivileged user (root reads chmod-000 files)",
 )
+
+
+def prepare_main(argv: list[str]) -> int:
+    """`avsync prepare ARGV`, as the command runs it."""
+    return avsync_main(["prepare", *argv])
 
 
 def write_audio_only(path: Path, duration: float = 3.0) -> Path:

@@ -206,17 +206,16 @@ def test_a_non_finite_spectrogram_never_reaches_a_shard(media, monkeypatch, reli
 
 
 def test_the_other_commands_decode_the_same_media_the_same_way(media, small_model, tmp_path, reliability):
-    from avsync.api import embed_main
-    from avsync.loading import load_backbone
+    from avsync.checkpoints import load_backbone
+    from avsync.cli import main as avsync_main
     from avsync.tasks.localization_data import FramePrompt, PromptDataset
     from avsync.tasks.segmentation import clip_features
-    from avsync.tasks.segmentation import main as segment_main
 
     loud, portrait = media / "loud_1e20.mkv", media / "portrait.mp4"
     # embed: the loud clip is skipped with prepare's reason, the portrait one embedded upright
     out = tmp_path / "embedded.npz"
     argv = [str(portrait), str(loud), "--ckpt", str(small_model), "--out", str(out), "--device", "cpu"]
-    assert embed_main([*argv, "--workers", "0", "--no-progress"]) == 0
+    assert avsync_main(["embed", *argv, "--workers", "0", "--no-progress"]) == 0
     with np.load(out, allow_pickle=False) as embedded:
         run = json.loads(str(embedded["metadata"]))
         assert list(embedded["keys"]) == ["portrait"]
@@ -230,7 +229,8 @@ def test_the_other_commands_decode_the_same_media_the_same_way(media, small_mode
     features = clip_features(backbone, portrait, ExtractionOptions())
     assert features.frames[0].shape == (64, 48, 3)
     figures = tmp_path / "segments"
-    assert segment_main([str(loud), str(portrait), "--ckpt", str(small_model), "--out", str(figures)]) == 0
+    segment = ["segment", str(loud), str(portrait), "--ckpt", str(small_model), "--out", str(figures)]
+    assert avsync_main(segment) == 0
     report = json.loads((figures / "segments.json").read_text())
     assert [Path(f["source"]).name for f in report["failures"]] == ["loud_1e20.mkv"]
     assert report["failures"][0]["reason"].endswith(failure["reason"])
@@ -248,7 +248,7 @@ def test_the_other_commands_decode_the_same_media_the_same_way(media, small_mode
     reliability.record(
         GROUP,
         "the portrait video and the 1e20 track through `avsync embed`, `avsync segment`, `avsync localize`",
-        "embed_main, segment's main and clip_features, PromptDataset (real decodes, a tiny model)",
+        "avsync embed, avsync segment and clip_features, PromptDataset (real decodes, a tiny model)",
         "one decoder for all: frames upright (a mask drawn on the video as shown fits it), the loud "
         "clip skipped with prepare's reason (embed's `failures`, segment's report, localize's rejections)",
     )

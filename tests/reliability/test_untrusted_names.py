@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from avsync.checkpoints import save_backbone
 from avsync.data.member_paths import UnsafeNameError, inside_path, member_path
 from avsync.data.pipeline import resolve_shards
-from avsync.loading import save_backbone
 from avsync.model import CAVMAESync
 
 from .conftest import SMALL_BACKBONE, avsync_command, avsync_env, fit_config

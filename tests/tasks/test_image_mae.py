@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 
+from avsync.checkpoints import init_from_mae
 from avsync.data.datamodule import AVShardDataModule
 from avsync.model import CAVMAESync
-from avsync.model.interop import init_from_mae
 from avsync.tasks import PretrainModule
 from avsync.tasks.image_mae import ImageMAE, ImageMAEModule
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from avsync.cli import main as avsync_main
 from avsync.data.alignment import window_center
 from avsync.data.clip import extract_video_clip
-from avsync.synth import load_synth, synthesize
 from avsync.data.transforms import CenterFrame, frames_to_tensor
 from avsync.evaluation.localization import localization_metrics, normalize_maps, upsample_maps
 from avsync.model import CAVMAESync
+from avsync.synth import load_synth, synthesize
+from avsync.synth.generate import PRODUCT_FILES
 from avsync.tasks import PretrainModule
 from avsync.tasks.evaluation_trainer import evaluation_trainer
 from avsync.tasks.localization import (
@@ -30,7 +33,6 @@ from avsync.tasks.localization import (
     Overlay,
     control_figure,
     evaluate_localization,
-    main,
     similarity_maps,
     sound_prompted_maps,
 )
@@ -45,6 +47,12 @@ from avsync.tasks.localization_data import (
 )
 from avsync.tasks.visualize import denormalize_frame
 from tests.conftest import REPO_ROOT, VIDEO_TEST_BACKBONE
+
+
+def main(argv: list[str]) -> int:
+    """`avsync localize ARGV`, as the command runs it."""
+    return avsync_main(["localize", *argv])
+
 
 CPU = {"accelerator": "cpu"}
 
@@ -177,6 +185,94 @@ def test_synth_prompts_are_every_frame_with_its_class_and_mask(synth_set, backbo
     start = window_center(8, 16, fbank.shape[0]) - 32
     assert torch.allclose(item["audio"][8], (fbank[start : start + 64] + 5.081) / 4.4849, atol=1e-5)
     assert torch.all(item["audio"][0][:32] == 0)
+
+
+def test_an_older_set_without_manifests_is_named_and_avsync_synth_adds_them(synth_set, tmp_path):
+    """A set written before `avsync synth` wrote localization manifests: a one-line error says what to
+    run; running it with the same parameters adds the files without rendering again (the videos keep
+    their modification times, so shards prepared from them stay valid), byte for byte a fresh set's."""
+    old = tmp_path / "synth"
+    shutil.copytree(synth_set, old)  # copy2: modification times kept
+    written = {name: (old / name).read_bytes() for name in PRODUCT_FILES}
+    for name in written:
+        (old / name).unlink()
+    video = load_synth(old).video(load_synth(old).splits["test"][0])
+    stamp = video.stat().st_mtime_ns
+    with pytest.raises(
+        FileNotFoundError, match=r"localization_test.csv: not found; .* run avsync synth"
+    ) as err:
+        synth_prompt_set(old, "test")
+    assert "\n" not in str(err.value) and str(old) in str(err.value)
+    again = synthesize(old, clips=4, classes=3, seed=0, duration=3.0, size=64, holdout=0.5, min_event=0.8,
+                       workers=1)  # fmt: skip
+    assert again.cached and video.stat().st_mtime_ns == stamp
+    assert {name: (old / name).read_bytes() for name in written} == written
+
+    def relative(root: Path) -> list:
+        return [
+            (
+                p.key,
+                p.video.relative_to(root),
+                p.frames,
+                [m.relative_to(root) for m in p.masks],
+                p.class_indices,
+            )
+            for p in synth_prompt_set(root, "test").sources
+        ]
+
+    assert relative(old) == relative(synth_set)
+    with pytest.raises(FileNotFoundError, match="holds no synthetic set"):
+        synth_prompt_set(tmp_path, "test")
+
+
+def test_frame_rows_prompt_chosen_spec_frames_of_a_video_decoded_once(synth_set, tmp_path):
+    """`video` + `frame` rows (docs/localization.md): the rows of a video become one source, in the order
+    of its first row, whose prompts are exactly the full clip's prompts at those SPEC frames; bad rows
+    are refused with their line, a frame past the clip's 16 when decoded; two videos with one stem get
+    distinct keys."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "synth").symlink_to(synth_set)
+    first, second = load_synth(synth_set).splits["test"]
+    (folder / "other").mkdir()
+    (folder / "other" / f"{first}.mp4").symlink_to(synth_set / "videos" / f"{second}.mp4")
+    masks = {clip: f"synth/masks/{clip}/f{{:02d}}.png" for clip in (first, second)}
+
+    def row(clip: str, frame: str, video: str | None = None, **extra) -> dict:
+        mask = masks[clip].format(int(frame) if frame.isdigit() and int(frame) < 16 else 0)
+        video = video or f"synth/videos/{clip}.mp4"
+        return {"video": video, "frame": frame, "mask": mask, "class": "synth_1", **extra}
+
+    rows = [
+        row(first, "12"),
+        row(second, "40"),
+        row(first, "x"),  # line 4: not a number
+        row(first, "3"),
+        row(second, "1", frame_time="0.5"),  # line 6: both forms
+        row(second, "5", video=f"other/{first}.mp4"),
+    ]
+    path = folder / "frames.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["video", "frame", "frame_time", "mask", "class"])
+        writer.writeheader()
+        writer.writerows(rows)
+    prompts = read_manifest(path, ["synth_0", "synth_1", "synth_2"])
+    assert {r.source: r.reason for r in prompts.rejected} == {
+        "frames.csv line 4": "frame 'x' is not a frame number (0, 1, ...)",
+        "frames.csv line 6": "give frame (a SPEC frame number) or frame_time (seconds), not both",
+    }
+    keys = [source.key for source in prompts.sources]
+    assert keys[:2] == [first, second] and keys[2].startswith(f"{first}-") and len(keys) == 3
+    assert [source.frames for source in prompts.sources] == [(12, 3), (40,), (5,)]
+    dataset = PromptDataset(prompts.sources, 48, 64)
+    full = {p.key: PromptDataset([p], 48, 64)[0] for p in synth_prompt_set(synth_set, "test").sources}
+    item = dataset[0]
+    for name in ("audio", "video", "mask"):
+        assert torch.equal(item[name], full[first][name][[12, 3]])
+    assert item["key"] == [f"{first}/f12", f"{first}/f03"] and item["class_index"].tolist() == [1, 1]
+    assert dataset[1]["rejection"].reason == "frame 40 is past the clip's 16 SPEC frames"
+    assert torch.equal(dataset[2]["video"], full[second]["video"][[5]])  # the other path's own video
+    assert dataset[2]["key"] == [f"{keys[2]}/f05"]
 
 
 def write_manifest_set(synth_set: Path, folder: Path) -> tuple[Path, int]:

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
+from avsync.checkpoints import MAE_FULL_URL
 from avsync.model.embeddings import patchify_audio, patchify_video
-from avsync.model.interop import MAE_FULL_URL
 from avsync.objectives import masked_mse
 from avsync.tasks.image_mae import ImageMAE
 
@@ -77,7 +77,7 @@ def test_init_from_none_is_a_decision_to_start_from_random_weights(monkeypatch, 
 
 
 def test_a_missing_init_file_is_named_with_where_to_get_it(monkeypatch, tmp_path):
-    from avsync.checkpoint_io import CheckpointError
+    from avsync.checkpoints import CheckpointError
 
     backbone = "--model.init_args.backbone.init_args."
     small = [backbone + "embed_dim=32", backbone + "num_heads=2", backbone + "decoder_dim=16"]

@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError
 from avsync.model import CAVMAESync
 from avsync.tasks.probe import ProbeModule
 from avsync.tasks.probe.averaging import EpochWeightAveraging
@@ -378,8 +378,8 @@ def test_predicted_scores_keep_the_order_of_logits_a_float32_sigmoid_would_tie(t
 
 
 def test_the_recipe_fits_and_tests_on_real_shards_and_reports_the_map_of_its_predictions(tmp_path):
+    from avsync.checkpoints import save_backbone
     from avsync.cli import lightning_cli
-    from avsync.loading import save_backbone
     from tests.data.conftest import write_shards
 
     write_shards(tmp_path / "shards", [4, 4], fbank_frames=120, num_classes=3)

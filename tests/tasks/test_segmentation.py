@@ -12,22 +12,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from avsync.synth import load_synth, synthesize
+from avsync.cli import main as avsync_main
 from avsync.data.transforms import AudioWindows, CenterFrame, frames_to_tensor
 from avsync.model import CAVMAESync
+from avsync.synth import load_synth, synthesize
 from avsync.tasks import PretrainModule
 from avsync.tasks.segmentation import (
     ClipFeatures,
     clip_features,
-    main,
     plot_segmentation,
     read_annotation,
     read_segment_counts,
+    score_segmentation,
     score_synth_segmentation,
     segment_clip,
     synth_segmentation_ari,
 )
 from tests.conftest import VIDEO_TEST_BACKBONE
+
+
+def main(argv: list[str]) -> int:
+    """`avsync segment ARGV`, as the command runs it."""
+    return avsync_main(["segment", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +137,23 @@ def test_synthetic_scoring_covers_the_split(synth_set, backbone):
     ari = synth_segmentation_ari(backbone, synth_set, "test")
     assert ari == pytest.approx(np.mean([clip.agreement["audio_visual"]["ari"] for clip in score.clips]))
     assert -1 <= ari <= 1
+
+
+def test_annotated_videos_take_the_path_of_synthetic_ones(synth_set, backbone, tmp_path):
+    """`score_segmentation` on any videos with a folder of `<stem>.json` labels (the product's format,
+    which `avsync synth` writes): the synthetic set's scores are exactly these; a video without labels
+    is skipped with its reason."""
+    manifest = load_synth(synth_set)
+    videos = [(clip, manifest.video(clip)) for clip in manifest.splits["test"]]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for clip, _ in videos[:1]:  # the `{"labels": [...]}` form, for the first clip only
+        truth = manifest.annotation(clip)["frames"]["class_indices"]
+        (labels / f"{clip}.json").write_text(json.dumps({"labels": truth}))
+    mine = score_segmentation(backbone, videos, labels)
+    synthetic = score_synth_segmentation(backbone, synth_set, "test")
+    assert [clip.to_json() for clip in mine.clips] == [synthetic.clips[0].to_json()]
+    assert mine.skipped == [(videos[1][0], f"no annotation {videos[1][0]}.json in {labels}")]
 
 
 def write_checkpoint(backbone: CAVMAESync, path: Path) -> Path:

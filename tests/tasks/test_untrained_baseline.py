@@ -7,11 +7,16 @@ from pathlib import Path
 
 import torch
 
-from avsync.api.commands import export_main
-from avsync.loading import load_backbone
+from avsync.checkpoints import load_backbone
+from avsync.cli import main as avsync_main
 from avsync.model import CAVMAESync
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+def export_main(argv: list[str]) -> int:
+    """`avsync export ARGV`, as the command runs it."""
+    return avsync_main(["export", *argv])
 
 
 def tiny_arguments() -> dict:

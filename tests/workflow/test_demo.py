@@ -10,8 +10,8 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from avsync.checkpoints import load_backbone
 from avsync.demo import DemoRun, Row
-from avsync.loading import load_backbone
 from tests.conftest import SHARED
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -186,6 +186,7 @@ def test_the_avsync_classes_are_in_help_and_known_by_short_name():
 @pytest.mark.parametrize(
     "args",
     [
+        ["--help"],
         ["retrieve", "--help"],
         ["localize", "--help"],
         ["segment", "--help"],
@@ -194,6 +195,10 @@ def test_the_avsync_classes_are_in_help_and_known_by_short_name():
         ["synth", "--help"],
         ["embed", "--help"],
         ["export", "--help"],
+        ["index", "--help"],
+        ["index", "build", "--help"],
+        ["index", "search", "--help"],
+        ["app", "--help"],
         ["config", "--help"],
         ["retrieve"],  # a usage error: missing --ckpt
         ["prepare", "videos"],  # missing OUT
@@ -220,37 +225,29 @@ def test_tool_help_and_usage_errors_come_back_without_importing_torch(args):
     assert ("usage: avsync" in result.stdout) if "--help" in args else ("error:" in result.stderr)
 
 
-def test_the_light_parsers_offer_what_the_tools_accept():
-    from avsync.evaluation.retrieval import DIRECTIONS
-    from avsync.evaluation.similarity import STRATEGIES
-    from avsync.tool_parsers import RETRIEVAL_DIRECTIONS, RETRIEVAL_STRATEGIES
-
-    assert RETRIEVAL_STRATEGIES == STRATEGIES and RETRIEVAL_DIRECTIONS == DIRECTIONS
-
+def test_the_tools_offer_what_the_library_accepts():
+    """The choices and defaults `avsync.tools` spells out (so that the command line imports no torch)
+    are the library's."""
     import dataclasses
     import typing
 
+    from avsync import tools
     from avsync.api.model import PRECISIONS
     from avsync.api.outputs import OUTPUT_FORMATS
     from avsync.data.audio import MonoMode
     from avsync.data.clip import ExtractionOptions
-    from avsync.synth.config import KIND_DEFAULTS, KINDS
-    from avsync.tool_parsers import (
-        EMBED_OUTPUT_FORMATS,
-        EMBED_PRECISIONS,
-        EXTRACTION_DEFAULTS,
-        MONO_MODES,
-        SYNTH_KIND_DEFAULTS,
-        SYNTH_KINDS,
-    )
+    from avsync.evaluation.retrieval import DIRECTIONS
+    from avsync.evaluation.similarity import STRATEGIES
+    from avsync.synth.config import KINDS
 
-    extraction = dataclasses.asdict(ExtractionOptions())
-    assert EXTRACTION_DEFAULTS == {name: extraction[name] for name in EXTRACTION_DEFAULTS}
-    assert MONO_MODES == typing.get_args(MonoMode)
-    assert SYNTH_KINDS == KINDS
-    for kind, shown in SYNTH_KIND_DEFAULTS.items():
-        assert shown == {name: KIND_DEFAULTS[kind][name] for name in shown}
-    assert EMBED_PRECISIONS == PRECISIONS and EMBED_OUTPUT_FORMATS == OUTPUT_FORMATS
+    choices = typing.get_args
+    assert choices(tools.Strategy) == STRATEGIES and choices(tools.Direction) == DIRECTIONS
+    assert choices(tools.MonoMode) == choices(MonoMode) and choices(tools.SynthKind) == KINDS
+    assert choices(tools.EmbedPrecision) == PRECISIONS and choices(tools.EmbedFormat) == OUTPUT_FORMATS
+    library = dataclasses.asdict(ExtractionOptions())
+    for tool in (tools.Prepare, tools.Embed, tools.Segment):
+        shown = {f.name: f.default for f in dataclasses.fields(tool) if f.name in library}
+        assert shown and all(library[name] == value for name, value in shown.items()), tool.__name__
 
 
 def test_retrieve_prints_results_without_dependency_noise(demo_run, tmp_path):
@@ -268,7 +265,7 @@ def test_retrieve_prints_results_without_dependency_noise(demo_run, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_export_follows_the_umask_like_every_other_output(tmp_path, umask):
-    from avsync.loading import save_backbone
+    from avsync.checkpoints import save_backbone
     from avsync.model import CAVMAESync
 
     previous = os.umask(umask)

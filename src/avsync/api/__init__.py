@@ -8,7 +8,6 @@ a checkpoint as safetensors. Guide and output layouts: docs/embedding.md.
 
 from __future__ import annotations
 
-from avsync.api.commands import embed_main, export_main
 from avsync.api.model import AVSyncModel, Embedding, EmbeddingRun, VideoEmbedding, export, load
 from avsync.api.outputs import write_embeddings
 from avsync.api.videos import Failure, VideoInputs
@@ -20,9 +19,7 @@ __all__ = [
     "Failure",
     "VideoEmbedding",
     "VideoInputs",
-    "embed_main",
     "export",
-    "export_main",
     "load",
     "write_embeddings",
 ]

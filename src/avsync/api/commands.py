@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from avsync.api.model import check_export_out, export, load
@@ -22,11 +20,10 @@ from avsync.api.outputs import (
     write_embeddings,
 )
 from avsync.api.videos import Failure
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError
 from avsync.data.clip import ExtractionOptions
 from avsync.data.sources import ClipSource, InputError, assign_keys, discover
-from avsync.tool_parsers import embed as build_embed_parser
-from avsync.tool_parsers import export as build_export_parser
+from avsync.tools import Embed, Export, matching
 
 log = logging.getLogger("avsync.api")
 
@@ -49,36 +46,33 @@ def video_paths(inputs: list[str]) -> tuple[list[str], list[Failure]]:
     return [source.path for source in kept], failures
 
 
-def embed_main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 when at least one video was embedded, 1 when none was, 2 for a usage error."""
-    args = build_embed_parser().parse_args(argv)
+def run_embed(options: Embed) -> int:
+    """`avsync embed`: exit status 0 when at least one video was embedded, 1 when none was, 2 for a
+    usage error."""
     logging.basicConfig(level=logging.INFO, format="avsync embed: %(message)s")
-    if args.shards is not None:
-        return embed_shards_main(args)
+    if options.shards is not None:
+        return embed_shards_command(options)
+    progress = not options.no_progress and sys.stderr.isatty()
     try:
-        if not args.videos:
+        if not options.videos:
             raise InputError("give video files or directories, or --shards")
-        output_format = format_of(args.out, args.format)
+        output_format = format_of(options.out, options.format)
         if output_format == "parquet":
             require_pyarrow()  # before any work
-        paths, failures = video_paths(args.videos)
+        paths, failures = video_paths(options.videos)
         if not paths:
-            raise InputError(f"no video files in {args.videos}")
-        check_embeddings_out(args.out, [*args.videos, *paths, *(f.path for f in failures)])  # before work
-        extraction = replace(
-            ExtractionOptions(),
-            num_frames=args.num_frames,
-            min_duration=args.min_duration,
-            max_duration=args.max_duration,
-            allow_silent=args.allow_silent,
-        )
+            raise InputError(f"no video files in {options.videos}")
+        check_embeddings_out(
+            options.out, [*options.videos, *paths, *(f.path for f in failures)]
+        )  # before work
+        extraction = ExtractionOptions(**matching(options, ExtractionOptions))
         model = load(
-            args.ckpt,
-            args.device,
-            args.precision,
-            alignment=args.alignment,
+            options.ckpt,
+            options.device,
+            options.precision,
+            alignment=options.alignment,
             extraction=extraction,
-            **args.authors_kwargs,
+            **options.authors_kwargs,
         )
     except (CheckpointError, InputError, ValueError, ModuleNotFoundError) as error:
         print(f"avsync embed: error: {error}", file=sys.stderr)
@@ -87,52 +81,48 @@ def embed_main(argv: list[str] | None = None) -> int:
         log.warning("skipped %s: %s", failure.path, failure.reason)
     run = model.embed_videos(
         paths,
-        patches=args.patches,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        patches=options.patches,
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        progress=progress,
     )
     run.failures = failures + run.failures
     if not run.embeddings:
         log.error("none of the %d video(s) could be embedded; nothing written", len(paths))
         return 1
-    write_embeddings(run, args.out, model.describe(), patches=args.patches, output_format=output_format)
+    write_embeddings(run, options.out, model.describe(), patches=options.patches, output_format=output_format)
     log.info(
         "%d video(s) embedded into %s (%s); %d skipped (listed under `failures` in its metadata)",
         len(run.embeddings),
-        args.out,
+        options.out,
         output_format,
         len(run.failures),
     )
     return 0
 
 
-def embed_shards_main(args: argparse.Namespace) -> int:
+def embed_shards_command(options: Embed) -> int:
     """`avsync embed --shards`: exit status 0 when the output holds at least one clip, 1 when it holds
     none, 2 for a usage error."""
-    problems = [name for name in ("videos", "patches", "format") if getattr(args, name)]
-    device = str(args.device)
-    accelerator, devices = device.split(":")[0], args.devices
+    problems = [name for name in ("videos", "patches", "format") if getattr(options, name)]
+    device = str(options.device)
+    accelerator, devices = device.split(":")[0], options.devices
     if ":" in device:
         accelerator, devices = "cuda", [int(device.split(":")[1])]
     try:
         if problems:
             raise InputError(f"--shards does not go with {', '.join(problems)} (float16 npz parts only)")
         manifest = embed_shards(
-            args.shards,
-            args.ckpt,
-            args.out,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=args.num_nodes,
-            precision=args.precision,
-            alignment=args.alignment,
-            num_frames=args.num_frames,
-            clips_per_part=args.clips_per_part,
-            progress=not args.no_progress and sys.stderr.isatty(),
-            **args.authors_kwargs,
+            **matching(
+                options,
+                embed_shards,
+                checkpoint=options.ckpt,
+                num_workers=options.workers,
+                accelerator=accelerator,
+                devices=devices,
+                progress=not options.no_progress and sys.stderr.isatty(),
+            ),
+            **options.authors_kwargs,
         )
     except (CheckpointError, InputError, ValueError, FileNotFoundError) as error:
         print(f"avsync embed: error: {error}", file=sys.stderr)
@@ -141,7 +131,7 @@ def embed_shards_main(args: argparse.Namespace) -> int:
     log.info(
         "%d clips in %s (%d embedded now, %d already written, %d samples skipped as unreadable)",
         manifest["num_clips"],
-        args.out,
+        options.out,
         run["embedded"],
         run["already_written"],
         run["skipped_samples"],
@@ -182,22 +172,23 @@ def random_init_backbone(config: str, seed: int = 0):
         raise ValueError(f"{path}: the backbone's arguments do not build a CAVMAESync: {error}") from None
 
 
-def export_main(argv: list[str] | None = None) -> int:
+def run_export(options: Export) -> int:
     """`avsync export CKPT OUT.safetensors`: exit status 0 on success, 2 for an unusable input."""
-    args = build_export_parser().parse_args(argv)
     try:
-        check_export_out(args.out, args.checkpoint, args.json)  # before the checkpoint is read
-        if args.random_init:
-            from avsync.loading import save_backbone
+        check_export_out(options.out, options.checkpoint, options.json)  # before the checkpoint is read
+        if options.random_init:
+            from avsync.checkpoints import save_backbone
 
-            backbone = random_init_backbone(args.checkpoint, args.seed)
-            source = f"random init of {args.checkpoint}, seed {args.seed}"
-            path = save_backbone(backbone, args.out, source=source, json_sidecar=args.json)
+            backbone = random_init_backbone(options.checkpoint, options.seed)
+            source = f"random init of {options.checkpoint}, seed {options.seed}"
+            path = save_backbone(backbone, options.out, source=source, json_sidecar=options.json)
         else:
-            path = export(args.checkpoint, args.out, json_sidecar=args.json, **args.authors_kwargs)
+            path = export(
+                options.checkpoint, options.out, json_sidecar=options.json, **options.authors_kwargs
+            )
     except (CheckpointError, ValueError) as error:
         print(f"avsync export: error: {error}", file=sys.stderr)
         return 2
-    sidecar = f" and {path.with_suffix('.json')}" if args.json else ""
+    sidecar = f" and {path.with_suffix('.json')}" if options.json else ""
     print(f"wrote {path}{sidecar}", file=sys.stderr)
     return 0

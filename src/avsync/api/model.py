@@ -9,9 +9,7 @@ a GPU the default precision is bf16 autocast, and the outputs are always float32
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,9 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from avsync.api.videos import Failure, VideoFiles, VideoInputs, VideoReader
+from avsync.checkpoints import is_backbone_export, is_export_description, load_backbone, save_backbone
 from avsync.data.alignment import AlignmentMode, default_alignment
 from avsync.data.clip import ExtractionOptions
-from avsync.loading import CONFIG_METADATA_KEY, load_backbone, save_backbone
+from avsync.kernels import use_kernels
 from avsync.model import CAVMAESync
 from avsync.output_paths import check_output_file
 
@@ -33,8 +32,6 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
-#: A safetensors header larger than this is not read to recognise an export.
-_MAX_HEADER_BYTES = 100 * 2**20
 
 
 @dataclass
@@ -142,7 +139,8 @@ class AVSyncModel:
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.backbone = backbone.eval().requires_grad_(False).to(self.device)
+        # CPU: the linear and attention kernels measured fastest on this host (avsync.kernels)
+        self.backbone = use_kernels(backbone.eval().requires_grad_(False).to(self.device))
         self.alignment = alignment or default_alignment(backbone.audio_length)
         self.reader = VideoReader(
             backbone.image_size, backbone.audio_length, self.alignment, extraction or ExtractionOptions()
@@ -291,28 +289,6 @@ def load(
     backbone = load_backbone(path, **authors_kwargs)
     source = str(Path(path).resolve())  # outputs name the file wherever they are read from
     return AVSyncModel(backbone, device, precision, alignment=alignment, extraction=extraction, source=source)
-
-
-def is_backbone_export(path: str | Path) -> bool:
-    """Whether `path` is an avsync safetensors export (the header's metadata holds the backbone config
-    under `avsync_backbone_config`): the only kind of existing file `avsync export` replaces."""
-    try:
-        with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size)) if size <= _MAX_HEADER_BYTES else None
-    except (OSError, struct.error, ValueError, RecursionError):  # too short, not JSON: not safetensors
-        return False
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(metadata, dict) and CONFIG_METADATA_KEY in metadata
-
-
-def is_export_description(path: str | Path) -> bool:
-    """Whether `path` is the JSON description `avsync export --json` writes beside an export."""
-    try:
-        stored = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-        return False
-    return isinstance(stored, dict) and {CONFIG_METADATA_KEY, "avsync_version"} <= set(stored)
 
 
 def check_export_out(out: str | Path, checkpoint: str | Path, json_sidecar: bool = False) -> Path:

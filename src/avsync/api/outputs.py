@@ -377,10 +377,10 @@ def embed_shards(
     """Embed every clip of prepared shards into `out` (a directory, see `ShardEmbeddingWriter`) with a
     `Trainer.predict` on `devices` x `num_nodes` (run under torchrun or SLURM for several nodes), and
     return its manifest. A rerun into the same directory embeds only the clips not yet written."""
+    from avsync.checkpoints import load_backbone
     from avsync.data.alignment import default_alignment
     from avsync.data.datamodule import AVShardDataModule
     from avsync.data.pipeline import resolve_shards
-    from avsync.loading import load_backbone
     from avsync.tasks.features import FeatureExtractor, predict, predict_trainer
     from avsync.tasks.probe.features import fingerprint
 

@@ -9,7 +9,6 @@ as a video with the sound), what happens when (temporal segmentation), and clips
 
 from __future__ import annotations
 
-import argparse
 import html
 import logging
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from avsync.app.analysis import MAP_KINDS, ClipAnalysis, InputLimits, InputProblem, analyze
 from avsync.app.render import frame_strip, heat_overlay, overlay_video
+from avsync.tools import App
 
 log = logging.getLogger(__name__)
 
@@ -308,14 +308,8 @@ def build_page(app: AvsyncApp):
     return page
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from avsync.tool_parsers import app as parser
-
-    return parser()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_app(args: App) -> int:
+    """`avsync app`: serve the page until stopped."""
     examples = _example_paths(args.examples)
     limits = InputLimits(max_seconds=args.max_seconds, max_bytes=args.max_upload_mib * 2**20)
     config = AppConfig(args.ckpt, args.index, args.videos, tuple(map(str, examples)), limits, args.device)
@@ -343,4 +337,4 @@ def _example_paths(spec: str | None) -> list[Path]:
     return [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines][:12]
 
 
-__all__ = ["AppConfig", "AvsyncApp", "build_page", "main"]
+__all__ = ["AppConfig", "AvsyncApp", "build_page", "run_app"]

@@ -9,6 +9,7 @@ extraction used that rule), marked `frame_time_source: "nominal"`.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import Counter
@@ -76,11 +77,12 @@ def extract_cavmae_clip(
 def _stored_frame(
     path: Path, options: ExtractionOptions
 ) -> tuple[bytes, tuple[tuple[int, int], tuple[int, int]]]:
-    """The JPEG bytes to store for one given frame, its original and its stored size."""
+    """The JPEG bytes to store for one given frame, its original and its stored size. The file is read
+    once: its bytes are stored as they are, or decoded from memory."""
     check_readable(path)
     data = path.read_bytes()
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             original = image.size
             if (
@@ -91,7 +93,9 @@ def _stored_frame(
                 return data, (original, original)
             stored = shrink(image.convert("RGB"), options.short_side)
             return encode_jpeg(stored, options.jpeg_quality), (original, stored.size)
-    except (UnidentifiedImageError, OSError) as error:
+    except UnidentifiedImageError as error:  # its message names the in-memory buffer, not the file
+        raise DecodeError(path, "unreadable frame image: not an image format PIL identifies") from error
+    except OSError as error:
         raise DecodeError(path, f"unreadable frame image: {error}") from error
 
 

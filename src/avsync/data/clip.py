@@ -5,10 +5,16 @@ place of data that could not be read.
 Long inputs are refused rather than cut: `max_duration` (default 60 s) is checked from the container
 before anything is decoded, and again while audio decodes, so a 3-hour file costs one header read.
 Frames spread over hours would not make a training clip; cut such videos into clips first.
+
+A clip's file is opened once (`ClipSession`): the probe, the frames and the audio come from one
+container, the audio read from its first packet again after the frames (`media.rewind`), so the bytes
+are those of decoding each from a fresh open. Everything that decodes a video clip (`prepare`, the
+API's `embed`, segmentation, localization) goes through it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -19,8 +25,8 @@ from avsync.data.audio import MonoMode, Waveform, decode_audio
 from avsync.data.errors import DecodeError
 from avsync.data.fbank import FbankConfig, log_mel_fbank
 from avsync.data.images import encode_jpeg
-from avsync.data.media import MediaInfo, open_media, probe
-from avsync.data.video import sample_frames
+from avsync.data.media import MediaInfo, open_media, probe, rewind
+from avsync.data.video import SampledFrames, sample_frames
 
 
 @dataclass(frozen=True)
@@ -94,23 +100,48 @@ def check_duration(path: str | Path, duration: float, options: ExtractionOptions
         )
 
 
+class ClipSession:
+    """A video file opened once, for its probe (`info`), its frames and its audio; a context manager
+    that closes it. Frames come first (their seeks stay in the video stream), then the audio, from its
+    first packet."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.container = open_media(path)
+        try:
+            self.info: MediaInfo = probe(self.container, path)
+        except BaseException:
+            self.container.close()
+            raise
+
+    def __enter__(self) -> ClipSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    def frames(self, targets: Sequence[Fraction], short_side: int | None) -> SampledFrames:
+        """The frames at `targets` (seconds from the video's start; `video.sample_frames`)."""
+        return sample_frames(self.container, self.path, targets, self.info.video_start, short_side)
+
+    def audio(self, sample_rate: int, mono: MonoMode, max_duration: float | None) -> Waveform:
+        """The whole first audio stream (`audio.decode_audio`), decoded from its first packet."""
+        if self.container.streams.audio:
+            rewind(self.container, self.container.streams.audio[0], self.path)
+        return decode_audio(self.container, self.path, sample_rate, mono, max_duration)
+
+
 def extract_video_clip(path: str | Path, options: ExtractionOptions = ExtractionOptions()) -> Clip:
     """Decode `path` into a `Clip` (see the module docstring for what is refused)."""
-    with open_media(path) as container:
-        info = probe(container, path)
+    with ClipSession(path) as session:
+        info = session.info
         check_duration(path, float(info.duration), options)
         if not info.has_audio and not options.allow_silent:
             raise DecodeError(
                 path, "no audio stream (pass --allow-silent to keep such clips, flagged silent)"
             )
-        frames = sample_frames(
-            container,
-            path,
-            frame_targets(info.duration, options.num_frames),
-            info.video_start,
-            options.short_side,
-        )
-    waveform = _clip_audio(path, info, options)
+        frames = session.frames(frame_targets(info.duration, options.num_frames), options.short_side)
+        waveform = _clip_audio(session, options)
     fbank = log_mel_fbank(waveform.samples, options.fbank)
     height, width = frames.images[0].shape[:2]
     source_width, source_height = frames.upright(info.width, info.height)
@@ -141,13 +172,12 @@ def extract_video_clip(path: str | Path, options: ExtractionOptions = Extraction
     )
 
 
-def _clip_audio(path: str | Path, info: MediaInfo, options: ExtractionOptions) -> Waveform:
-    rate = options.fbank.sample_rate
+def _clip_audio(session: ClipSession, options: ExtractionOptions) -> Waveform:
+    path, info, rate = session.path, session.info, options.fbank.sample_rate
     if not info.has_audio:
         silence = np.zeros(round(float(info.duration) * rate), dtype=np.float32)
         return Waveform(samples=silence, sample_rate=rate, source_sample_rate=0, source_channels=0)
-    with open_media(path) as container:
-        waveform = decode_audio(container, path, rate, options.mono, options.max_duration)
+    waveform = session.audio(rate, options.mono, options.max_duration)
     mismatch = abs(waveform.duration - float(info.duration))
     if mismatch > options.max_av_mismatch:
         raise DecodeError(

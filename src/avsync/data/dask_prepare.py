@@ -34,7 +34,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from avsync.data.clip import ExtractionOptions
-from avsync.data.journal import Journal, JournalEntry
 from avsync.data.parts import (
     PARTS_DIR,
     PartRecord,
@@ -45,9 +44,18 @@ from avsync.data.parts import (
     remove_part,
     write_part,
 )
+from avsync.data.prepare_core import (
+    PackJob,
+    PrepareError,
+    Resume,
+    journal_shard,
+    process,
+    progress_bar,
+    set_up_worker,
+)
 from avsync.data.shard_plan import PlannedShard, ShardPlanner
 from avsync.data.shard_writer import ShardRecord, ShardWriter
-from avsync.tool_parsers import DEFAULT_PARTITION_SIZE  # about a minute of one core per task on 10-s clips
+from avsync.tools import DEFAULT_PARTITION_SIZE  # about a minute of one core per task on 10-s clips
 
 try:
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -137,8 +145,6 @@ def decode_partition(
     directory: str, fingerprint: str, partition: int, start: int, items: list, options: ExtractionOptions
 ) -> PartRecord:
     """Decode one partition's `items` (inputs `start`...) into its part file; returns its record."""
-    from avsync.data.prepare import process
-
     _set_up_worker()
     outcomes = ((result.sample, result.failure) for result in (process(item, options) for item in items))
     return write_part(Path(directory), fingerprint, partition, start, outcomes)
@@ -171,39 +177,20 @@ def _set_up_worker() -> None:
     global _worker_ready
     if _worker_ready:
         return
-    import torch
-
-    from avsync.data.prepare import _quiet_ffmpeg
-
-    torch.set_num_threads(1)
-    _quiet_ffmpeg()
+    set_up_worker()
     _worker_ready = True
 
 
 # ----------------------------------------------------------------------------------- the driver
 def pack(
-    items: list,
-    entries: list[JournalEntry],
-    journal: Journal,
-    options: ExtractionOptions,
-    max_bytes: int | None,
-    max_clips: int | None,
-    progress: bool,
-    failed_before: int,
-    *,
-    scheduler=None,
-    workers: int = 1,
-    partition_size: int = DEFAULT_PARTITION_SIZE,
+    job: PackJob, *, scheduler=None, workers: int = 1, partition_size: int = DEFAULT_PARTITION_SIZE
 ) -> tuple[list[ShardRecord], list[dict]]:
-    """`prepare`'s `_pack` on a Dask cluster: same arguments, same result, same journal."""
+    """The `prepare_core.Packer` of a Dask cluster: the same result and journal as the local engine's."""
     with _connected(scheduler, workers) as client:
-        run = _Run(client, items, entries, journal, options, max_bytes, max_clips, partition_size)
-        bar = tqdm(
-            total=len(items), initial=run.start, unit="clip", desc="prepare", disable=not progress,
-            dynamic_ncols=True,
-        )  # fmt: skip
+        run = _Run(client, job, partition_size)
+        bar = progress_bar(len(job.items), run.start, job.progress)
         try:
-            return run.execute(bar, failed_before)
+            return run.execute(bar, job.failed_before)
         finally:
             bar.close()
             run.cancel()
@@ -212,8 +199,6 @@ def pack(
 @contextmanager
 def _connected(scheduler, workers: int) -> Iterator:
     """`connect`, with a scheduler that cannot be reached reported as a `PrepareError`."""
-    from avsync.data.prepare import PrepareError
-
     with ExitStack() as stack:
         try:
             client = stack.enter_context(connect(scheduler, workers))
@@ -223,16 +208,14 @@ def _connected(scheduler, workers: int) -> Iterator:
 
 
 class _Run:
-    def __init__(
-        self, client, items, entries, journal, options, max_bytes, max_clips, partition_size
-    ) -> None:  # fmt: skip
-        self.client, self.items, self.journal, self.options = client, items, journal, options
-        self.max_bytes, self.max_clips = max_bytes, max_clips
-        self.output = journal.path.parent
+    def __init__(self, client, job: PackJob, partition_size: int) -> None:
+        self.client, self.items, self.journal, self.options = client, job.items, job.journal, job.options
+        self.max_bytes, self.max_clips = job.max_bytes, job.max_clips
+        self.output = job.journal.path.parent
         self.parts = self.output / PARTS_DIR
-        self.start = entries[-1].next_input if entries else 0
-        self.shards = [entry.shard for entry in entries]
-        self.failures = [failure for entry in entries for failure in entry.failures]
+        resume = Resume.from_entries(job.entries)
+        items, journal, max_bytes, max_clips = job.items, job.journal, job.max_bytes, job.max_clips
+        self.start, self.shards, self.failures = resume.start, resume.shards, resume.failures
         self.bounds = partition_bounds(len(items), partition_size)
         first = self.start // partition_size
         self.needed = list(range(first, len(self.bounds))) if self.start < len(items) else []
@@ -348,7 +331,7 @@ class _Run:
         while len(self.shards) in self.assembled:
             index = len(self.shards)
             record, plan = self.assembled.pop(index), self.planned.pop(index)
-            self.journal.append(JournalEntry(record, plan.next_input, list(plan.failures)))
+            journal_shard(self.journal, record, plan.next_input, plan.failures)
             self.shards.append(record)
             self.failures += plan.failures
             while self.consumed < self.fed and self.bounds[self.needed[self.consumed]][1] <= plan.next_input:
@@ -356,8 +339,6 @@ class _Run:
                 self.consumed += 1
 
     def _fail(self):
-        from avsync.data.prepare import PrepareError
-
         missing = len(self.needed) - len(self.done)
         named = "; ".join(f"{what}: {error}" for what, error in sorted(self.failed.items()))
         raise PrepareError(

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from avsync.config_checks import ConfigError, check_count, check_number, is_count
-from avsync.data.alignment import AlignmentMode
+from avsync.data.alignment import AlignmentMode, default_alignment
 from avsync.data.pipeline import ShardSet, build_pipeline, fixed_mode_batches, resolve_shards
 from avsync.data.samples import ClipDecoder, LabelFormat, SampleShape
 from avsync.data.skips import CheckedLoader, SkipCounter
@@ -106,7 +106,8 @@ class AVShardDataModule(L.LightningDataModule):
         image_size, audio_length: model input frame side and window length (spectrogram frames);
             None = the attached model's backbone values.
         num_frames: frames per clip `T` (SPEC §1: 16); the shards must store a multiple of it.
-        alignment: `clip` (avsync default) or `authors` (fixed 1024-frame spectrogram), see SPEC §1.
+        alignment: `clip` (avsync default) or `authors` (fixed 1024-frame spectrogram), see SPEC §1;
+            None = the attached model's (`default_alignment` of its window length, set in `setup`).
         audio_mean, audio_std: spectrogram normalization.
         shuffle_buffer: samples in the training shuffle buffer (per worker).
         resampled: draw training shards with replacement and cut epochs to `epoch_length` samples per
@@ -151,7 +152,7 @@ class AVShardDataModule(L.LightningDataModule):
         image_size: int | None = None,
         audio_length: int | None = None,
         num_frames: int = 16,
-        alignment: AlignmentMode = "clip",
+        alignment: AlignmentMode | None = "clip",
         audio_mean: float = AUDIO_MEAN,
         audio_std: float = AUDIO_STD,
         shuffle_buffer: int = 1000,
@@ -177,8 +178,10 @@ class AVShardDataModule(L.LightningDataModule):
         min_audio_frames: int = 100,
     ) -> None:
         super().__init__()
-        if alignment not in ("clip", "authors"):
-            raise ValueError(f"alignment must be 'clip' or 'authors', got {alignment!r}")
+        if alignment not in ("clip", "authors", None):
+            raise ValueError(f"alignment must be 'clip', 'authors' or None (the model's), got {alignment!r}")
+        if alignment is None and audio_length is not None:  # linked from the model (`avsync test`)
+            alignment = default_alignment(audio_length)
         _check_settings(type(self).__name__, locals())  # ConfigError, one line naming the key
         self.save_hyperparameters()
         self.shard_specs: dict[Split, str | None] = {
@@ -295,6 +298,8 @@ class AVShardDataModule(L.LightningDataModule):
                 "image_size and audio_length are needed: give them, or attach a model with a `.backbone` "
                 "exposing them (setup() reads them from the trainer's LightningModule)"
             )
+        if self.alignment is None:
+            self.alignment = default_alignment(self.audio_length)
 
     def _check_frames(self, split: Split) -> None:
         manifest = self.shards[split].manifest

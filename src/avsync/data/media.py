@@ -133,6 +133,29 @@ def probe(container: av.container.InputContainer, path: str | Path) -> MediaInfo
     )
 
 
+def rewind(container: av.container.InputContainer, stream: av.stream.Stream, path: str | Path) -> None:
+    """Put the demuxer back at `stream`'s first packet, so that a container already read (for a clip's
+    frames) decodes the stream as a freshly opened one would.
+
+    A seek to 0 is not that: it is a seek of the video stream, which leaves out the audio packets that
+    come before the first video one (AAC priming, an audio stream that starts earlier), and a seek to
+    the audio stream's start time misses packets that lie before it. The stream's own first index entry
+    (or, without an index, a time before any packet) lands on its first packet in every container tried
+    (mp4, mov, 3gp, mkv, webm, avi, mpg, ts: tests/data/test_one_decode.py)."""
+    entries = stream.index_entries
+    seeks = [(entries[0].timestamp, stream)] if len(entries) else []
+    seeks.append((-(2**62), stream))  # before any packet: demuxers clamp it to their first
+    seeks.append((0, None))  # the last resort of a demuxer that refuses both (none tried does)
+    error: av.FFmpegError | None = None
+    for target, on in seeks:
+        try:
+            container.seek(target, stream=on, backward=True)
+            return
+        except av.FFmpegError as failed:
+            error = failed
+    raise DecodeError(path, f"cannot seek back to the start of the {stream.type} stream: {error}")
+
+
 def _stream_start(container: av.container.InputContainer, stream: av.stream.Stream) -> Fraction:
     if stream.start_time is not None:
         return stream.start_time * stream.time_base

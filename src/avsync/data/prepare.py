@@ -12,8 +12,10 @@ How a run is made reproducible and resumable:
 3. each finished shard is renamed into place and journaled with how far into the input list it
    reaches; a rerun keeps those shards and continues after them (see `journal.py`);
 4. at the end `failures.jsonl` and `manifest.json` are written (atomically) and the journal removed.
-The output's layout is described in docs/shards.md. `engine="dask"` decodes on a Dask cluster instead of
-the process pool and writes the same files (`dask_prepare.py`, docs/prepare_cluster.md).
+The output's layout is described in docs/shards.md. The decoding and packing are an engine's: the local
+process pool (`pool_prepare.py`) or, with `engine="dask"`, a Dask cluster (`dask_prepare.py`,
+docs/prepare_cluster.md); both share the per-clip work and the packing (`prepare_core.py`) and write
+the same files. This module is the command around them: listing, labels, fingerprint, output, manifest.
 
 One run at a time writes into an OUT: another is refused at once (`output_lock.py`). The command stops
 on SIGINT (Ctrl-C) or SIGTERM with one line saying so and how to resume (exit status 128 + signal).
@@ -21,7 +23,6 @@ on SIGINT (Ctrl-C) or SIGTERM with one line saying so and how to resume (exit st
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -32,33 +33,33 @@ import shutil
 import signal
 import sys
 import threading
-import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from avsync import __version__
-from avsync.data.cavmae import cavmae_frame_path, check_frame_folders, extract_cavmae_clip
-from avsync.data.clip import ExtractionOptions, extract_video_clip
-from avsync.data.errors import DecodeError
+from avsync.data import pool_prepare
+from avsync.data.cavmae import cavmae_frame_path, check_frame_folders
+from avsync.data.clip import ExtractionOptions
 from avsync.data.journal import Journal, JournalEntry, JournalMismatch
 from avsync.data.labels import ClassList, LabelError, clip_id_for_matching, read_labels_csv
 from avsync.data.output_lock import OutputInUse, OutputLock
 from avsync.data.parts import PARTS_DIR
-from avsync.data.schema import SCHEMA_VERSION, encode_sample, stable_json
-from avsync.data.shard_writer import ShardRecord, ShardWriter
+from avsync.data.pool_prepare import STOP_SIGNALS
+from avsync.data.prepare_core import (  # noqa: F401 (WorkItem, process: re-exported)
+    Packer,
+    PackJob,
+    PrepareError,
+    WorkItem,
+    failure_record,
+    process,
+)
+from avsync.data.schema import SCHEMA_VERSION, stable_json
+from avsync.data.shard_writer import ShardRecord
 from avsync.data.sources import ClipSource, InputError, discover, file_digest, printable
-from avsync.tool_parsers import DEFAULT_SHARD_MAX_BYTES, default_workers, parse_size  # noqa: F401 (re-exported)
-from avsync.tool_parsers import prepare as build_parser
+from avsync.tools import DEFAULT_SHARD_MAX_BYTES, Prepare, default_workers, matching, parse_size  # noqa: F401
 
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
@@ -67,12 +68,6 @@ _SHARD_FILE = re.compile(r"^shard-\d{6}\.tar(\.tmp)?$")
 log = logging.getLogger(__name__)
 
 
-class PrepareError(RuntimeError):
-    """A problem with the run as a whole (arguments, output directory), as opposed to one input."""
-
-
-#: The signals that stop the command cleanly (a terminal's Ctrl-C; schedulers and `kill`).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RESUME_HINT = "finished shards are kept: rerun the same command to resume"
 
 
@@ -83,21 +78,6 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One clip to decode, with its labels already resolved to class indices."""
-
-    source: ClipSource
-    labels: tuple[int, ...]
-    label_names: tuple[str, ...]
-
-
-@dataclass
-class WorkResult:
-    sample: dict | None
-    failure: dict | None
 
 
 @dataclass
@@ -205,8 +185,8 @@ def _prepare_claimed(
         raise PrepareError(f"{where}: {error.strerror or error} ({RESUME_HINT})") from error
 
 
-def _engine(engine: str, workers: int | None, scheduler, partition_size: int | None):
-    """The packing function of `engine`, with `_pack`'s signature less `workers`."""
+def _engine(engine: str, workers: int | None, scheduler, partition_size: int | None) -> Packer:
+    """The `Packer` of `engine` (`prepare_core.py`): the local process pool or the Dask cluster."""
     if partition_size is not None and partition_size < 1:
         raise PrepareError(f"partition_size must be at least 1, not {partition_size}")
     if engine == "pool":
@@ -214,7 +194,7 @@ def _engine(engine: str, workers: int | None, scheduler, partition_size: int | N
             raise PrepareError(
                 "a scheduler and a partition size are settings of the dask engine (--engine dask)"
             )
-        return partial(_pack, workers=workers)
+        return partial(pool_prepare.pack, workers=workers or default_workers())
     if engine != "dask":
         raise PrepareError(f"unknown engine {engine!r}: 'pool' or 'dask'")
     from avsync.data import dask_prepare
@@ -243,7 +223,7 @@ def _prepare_into(
     shard_max_bytes: int | None,
     shard_max_clips: int | None,
     shuffle_seed: int | None,
-    pack,
+    pack: Packer,
     progress: bool,
 ) -> PrepareSummary:
     entries = _open_output(output, fingerprint, overwrite)
@@ -255,14 +235,16 @@ def _prepare_into(
         return PrepareSummary(output, counts["clips"], counts["failures"], shards, len(shards))
     journal = Journal(output, fingerprint)
     shards, failures = pack(
-        items,
-        entries,
-        journal,
-        options,
-        shard_max_bytes,
-        shard_max_clips,
-        progress=progress,
-        failed_before=len(listing_failures),
+        PackJob(
+            items,
+            entries,
+            journal,
+            options,
+            shard_max_bytes,
+            shard_max_clips,
+            progress,
+            failed_before=len(listing_failures),
+        )
     )
     all_failures = listing_failures + failures
     _write_atomically(output / FAILURES_NAME, b"".join(stable_json(f) + b"\n" for f in all_failures))
@@ -292,89 +274,6 @@ def _prepare_into(
     journal.remove()
     shutil.rmtree(output / PARTS_DIR, ignore_errors=True)  # left by a Dask run that this one resumed
     return PrepareSummary(output, manifest["counts"]["clips"], len(all_failures), shards, len(entries))
-
-
-def _pack(
-    items: list[WorkItem],
-    entries: list[JournalEntry],
-    journal: Journal,
-    options: ExtractionOptions,
-    max_bytes: int | None,
-    max_clips: int | None,
-    progress: bool,
-    failed_before: int,
-    workers: int | None = None,
-) -> tuple[list[ShardRecord], list[dict]]:
-    """Decode the items after the journaled `entries` and pack them into shards, in order.
-
-    A shard is closed when the next clip does not fit; its journal entry records the failures met
-    since the previous shard and where the next shard starts. Returns all shards and failures.
-    """
-    shards = [entry.shard for entry in entries]
-    failures = [failure for entry in entries for failure in entry.failures]
-    start = entries[-1].next_input if entries else 0
-    pending: list[dict] = []  # failures not yet journaled
-    writer: ShardWriter | None = None
-    bar = tqdm(
-        total=len(items), initial=start, unit="clip", desc="prepare", disable=not progress, dynamic_ncols=True
-    )
-    try:
-        for position, result in enumerate(_run(items[start:], options, workers or default_workers()), start):
-            bar.update(1)
-            if result.failure is not None:
-                pending.append(result.failure)
-                bar.set_postfix(failed=failed_before + len(failures) + len(pending), refresh=False)
-                continue
-            if writer is not None and not writer.fits(result.sample):
-                shards.append(_finish(writer, journal, position, pending, failures))
-                writer = None
-            if writer is None:
-                writer = ShardWriter(journal.path.parent, len(shards), max_bytes, max_clips)
-            writer.write(result.sample)
-        if writer is not None:
-            shards.append(_finish(writer, journal, len(items), pending, failures))
-            writer = None
-        failures += pending
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.abandon()
-    return shards, failures
-
-
-def process(item: WorkItem, options: ExtractionOptions) -> WorkResult:
-    """Decode one clip into its shard sample, or say why it cannot be (runs in a worker process)."""
-    source = item.source
-    try:
-        if source.kind == "cavmae":
-            clip = extract_cavmae_clip(source.clip_id, source.path, source.wav, options)
-        else:
-            clip = extract_video_clip(source.path, options)
-    except DecodeError as error:
-        where = "" if error.path == source.path else f"{error.path}: "
-        return WorkResult(None, _failure(source, where + error.reason))
-    except Exception as error:  # an ffmpeg or library surprise on odd data: report it, keep going
-        return WorkResult(None, _failure(source, f"unexpected {type(error).__name__}: {error}"))
-    broken = int(np.count_nonzero(~np.isfinite(clip.fbank)))
-    if broken:  # never in a shard, whatever the cause (`decode_audio` refuses the known ones)
-        return WorkResult(None, _failure(source, f"spectrogram holds {broken} NaN or infinite value(s)"))
-    metadata = {
-        "schema_version": SCHEMA_VERSION,
-        "id": printable(source.clip_id),
-        "key": source.key,
-        "source": printable(source.path)
-        if source.kind == "video"
-        else {"video_path": printable(source.path), "wav": printable(source.wav or "")},
-        "num_frames": options.num_frames,
-        "labels": list(item.labels),
-        "label_names": list(item.label_names),
-        **clip.metadata,
-    }
-    return WorkResult(encode_sample(source.key, clip.frames, clip.fbank, metadata), None)
-
-
-def _failure(source: ClipSource, reason: str) -> dict:
-    return {"path": printable(source.path), "clip_id": printable(source.clip_id), "reason": reason}
 
 
 def _examples(names: Sequence[str], count: int = 5) -> str:
@@ -434,7 +333,7 @@ def _resolve_labels(
         except LabelError as error:
             row = rows[source.clip_id]
             where = f" ({labels_csv}:{row.line})" if row is not None else ""
-            failures.append(_failure(source, f"{error}{where}"))
+            failures.append(failure_record(source, f"{error}{where}"))
             continue
         names = tuple(class_list.classes[i].name for i in indices)
         items.append(WorkItem(source, tuple(indices), names))
@@ -578,136 +477,6 @@ def _clear(output: Path, journal: Journal) -> None:
     shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
 
 
-def _finish(
-    writer: ShardWriter, journal: Journal, next_input: int, pending: list[dict], failures: list[dict]
-) -> ShardRecord:
-    record = writer.finish()
-    journal.append(JournalEntry(record, next_input, list(pending)))
-    failures += pending
-    pending.clear()
-    return record
-
-
-def _run(items: list[WorkItem], options: ExtractionOptions, workers: int) -> Iterator[WorkResult]:
-    """Results in input order. One worker: in this process. More: a spawn pool with bounded look-ahead;
-    if a decoder crashes its process, the pool is rebuilt and the input that crashed it is reported."""
-    _quiet_ffmpeg()
-    if workers <= 1:
-        for item in items:
-            yield process(item, options)
-        return
-    queue = deque(items)
-    in_flight: deque = deque()
-    pool = _new_pool(workers)
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < 4 * workers:
-                item = queue.popleft()
-                in_flight.append((item, _submit(pool, item, options)))
-            item, future = in_flight.popleft()
-            try:
-                yield future.result()
-                continue
-            except BrokenProcessPool:
-                pass
-            queue.extendleft(reversed([waiting for waiting, _ in in_flight]))
-            in_flight.clear()
-            pool.shutdown(cancel_futures=True)
-            pool = _new_pool(workers)
-            try:  # alone in a fresh pool: did this input crash the decoder?
-                yield _submit(pool, item, options).result()
-            except BrokenProcessPool:
-                pool.shutdown(cancel_futures=True)
-                pool = _new_pool(workers)
-                yield WorkResult(None, _failure(item.source, "the decoder crashed (its worker process died)"))
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _new_pool(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(os.getpid(),),
-    )
-
-
-def _submit(pool: ProcessPoolExecutor, item: WorkItem, options: ExtractionOptions):
-    """`pool.submit`, with SIGINT and SIGTERM held meanwhile: a submit may start a worker process,
-    which inherits them held until `_init_worker` ignores them (a Ctrl-C at that moment would
-    otherwise print the traceback of a half-started worker)."""
-    with _signals_held():
-        return pool.submit(process, item, options)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def _init_worker(parent_pid: int | None = None) -> None:
-    # Stopping is the parent's decision (a Ctrl-C reaches every process of the terminal's group): it
-    # shuts the pool down once the current clips are done; a killed parent takes the workers along.
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    if parent_pid is not None:
-        exit_with_parent(parent_pid)
-    import torch
-
-    torch.set_num_threads(1)  # parallelism comes from the pool
-    _quiet_ffmpeg()
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
-    """Make this worker process end when `parent_pid` dies, even by `kill -9`.
-
-    A pool worker otherwise waits for its next task on a pipe that it holds both ends of, forever, with
-    its memory (torch and all), and so does multiprocessing's resource tracker. On Linux the kernel
-    kills it (`prctl(PR_SET_PDEATHSIG, SIGKILL)`); everywhere, a daemon thread checks once per `poll_s`
-    that the parent is still there (its parent pid changes when it is gone) and exits otherwise.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no usable libc: the watchdog alone
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the kernel was asked to tell us
-        os._exit(1)
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll_s)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="avsync-parent-watchdog", daemon=True).start()
-
-
-def _quiet_ffmpeg() -> None:
-    """Keep ffmpeg's last error for exception messages without printing its log over the progress bar."""
-    import av.logging
-
-    av.logging.set_level(av.logging.ERROR)
-    libav = logging.getLogger("libav")
-    libav.propagate = False
-    if not libav.handlers:
-        libav.addHandler(logging.NullHandler())
-
-
 def _preprocessing(options: ExtractionOptions) -> dict:
     return {
         **options.as_dict(),
@@ -760,42 +529,24 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_prepare(options: Prepare) -> int:
+    """`avsync prepare`: exit status 0 when shards hold a clip, 1 when none, 2 for an unusable input,
+    128 + the signal when stopped."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.engine == "dask":
+    if options.engine == "dask":
         from avsync.data.dask_prepare import quiet_dask_logs
 
         quiet_dask_logs()
-    options = replace(
-        ExtractionOptions(),
-        num_frames=args.num_frames,
-        short_side=args.short_side,
-        jpeg_quality=args.jpeg_quality,
-        mono=args.mono,
-        min_duration=args.min_duration,
-        max_duration=args.max_duration,
-        max_av_mismatch=args.max_av_mismatch,
-        allow_silent=args.allow_silent,
-    )
     try:
         with _stop_on_signals():
             summary = prepare(
-                args.inputs,
-                args.output,
-                labels=args.labels,
-                classes=args.classes,
-                options=options,
-                shard_max_bytes=args.shard_max_bytes,
-                shard_max_clips=args.shard_max_clips,
-                workers=args.workers,
-                shuffle_seed=None if args.keep_order else args.shuffle_seed,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-                content_hash=args.content_hash,
-                engine=args.engine,
-                scheduler=args.scheduler,
-                partition_size=args.partition_size,
+                **matching(
+                    options,
+                    prepare,
+                    options=ExtractionOptions(**matching(options, ExtractionOptions)),
+                    shuffle_seed=None if options.keep_order else options.shuffle_seed,
+                    progress=not options.no_progress,
+                )
             )
     except PrepareError as error:
         print(f"avsync prepare: error: {error}", file=sys.stderr)
@@ -811,5 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary.clips else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m avsync.data.prepare` (docs/shards.md) is `avsync prepare`
+    from avsync.tools import parse
+
+    sys.exit(run_prepare(parse("prepare", sys.argv[1:])))

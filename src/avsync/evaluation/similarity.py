@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from einops import rearrange, reduce
 
-from avsync.evaluation.matmul import matmul_nt
+from avsync.kernels import matmul_nt
 
 Strategy = Literal["diagonal_mean", "diagonal_max", "block_mean", "block_max"]
 STRATEGIES: tuple[Strategy, ...] = ("diagonal_mean", "diagonal_max", "block_mean", "block_max")

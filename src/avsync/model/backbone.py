@@ -29,7 +29,6 @@ from avsync.model.masking import AudioMaskMode, Masking, mask_from_noise, struct
 from avsync.model.registers import Registers
 from avsync.model.transformer import init_like_authors, stack
 from avsync.objectives import InfoNCE, masked_mse
-from avsync.onednn import use_device_kernels
 
 Modality = Literal["audio", "video"]
 #: Where `encode` reads its features: after the joint layer and its modality LayerNorm (retrieval,
@@ -176,12 +175,6 @@ class CAVMAESync(nn.Module):
         )
         self.contrastive = InfoNCE(temperature, bidirectional_contrast)
         self._init_weights()
-        use_device_kernels(self, self.decoder.mask_token.device)  # CPU: oneDNN linears (onednn.py)
-
-    def _apply(self, fn, recurse=True):
-        """Moves (`.to`, `.cuda`, Lightning's placement) also choose the kernels for the new device."""
-        module = super()._apply(fn, recurse)
-        return use_device_kernels(module, self.decoder.mask_token.device)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -191,13 +184,6 @@ class CAVMAESync(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_authors_checkpoint(cls, path_or_state_dict, **authors_kwargs) -> CAVMAESync:
-        """Load the authors' released CAV-MAE Sync (or CAV-MAE) state dict; see `interop.py`."""
-        from avsync.model.interop import load_authors_checkpoint
-
-        return load_authors_checkpoint(path_or_state_dict, **authors_kwargs)
 
     def _init_weights(self) -> None:
         """The authors' initialization (`CAVMAE.initialize_weights` and `_init_weights`): xavier-uniform

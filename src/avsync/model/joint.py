@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp
 from torch import nn
 
-from avsync.model.attention import Attention
 from avsync.model.transformer import encoder_block
 
 Stream = Literal["joint", "audio", "video"]

@@ -25,9 +25,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
-from avsync.model.attention import attend
 from avsync.model.backbone import CAVMAESync
 
 PatchReadout = Literal["patch_tokens", "global_readout", "self_attention"]
@@ -66,7 +66,7 @@ def video_patch_features(
         tokens = tokens + last.mlp(last.norm2["video"](tokens))
     else:
         query, value = query[:, :, first:], value[:, :, first:]
-        mixed = attend(query, query, value)
+        mixed = F.scaled_dot_product_attention(query, query, value)
         tokens = attention.proj(rearrange(mixed, "b h n d -> b n (h d)"))
     for block in joint.contrastive_heads["video"]:
         tokens = block(tokens)

@@ -5,15 +5,11 @@ from __future__ import annotations
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from avsync.model.attention import Attention
-
 
 def encoder_block(dim: int, num_heads: int, mlp_ratio: float = 4.0) -> Block:
-    """timm's pre-norm ViT block (attention by the faster kernel, see `attention.py`), configured like
-    the authors': qkv bias, exact GELU, `nn.LayerNorm` with eps 1e-5 (timm's default is 1e-6)."""
-    return Block(
-        dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm, attn_layer=Attention
-    )
+    """timm's pre-norm ViT block (timm's `Attention`, as the authors'), configured like the authors':
+    qkv bias, exact GELU, `nn.LayerNorm` with eps 1e-5 (timm's default is 1e-6)."""
+    return Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
 
 
 def stack(depth: int, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> nn.Sequential:

@@ -1,31 +1,37 @@
-"""`avsync index build` and `avsync index search` (parser: `avsync.tool_parsers.index`; guide:
-docs/search.md). Exit status 0 on success, 2 for an unusable input (the message names the file and
-the problem: a missing index, a dimension mismatch, an unknown clip id...)."""
+"""`avsync index build` and `avsync index search` (options: `avsync.tools.IndexBuild`, `IndexSearch`;
+guide: docs/search.md). Exit status 0 on success, 2 for an unusable input (the message names the file
+and the problem: a missing index, a dimension mismatch, an unknown clip id...)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
 from avsync.search.gallery import GalleryError
 from avsync.search.index import DIRECTION, TARGET, SearchError
-from avsync.tool_parsers import index as build_parser
+from avsync.tools import IndexBuild, IndexSearch, matching
 
 PROGRAM = "avsync index"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return build_main(args) if args.action == "build" else search_main(args)
-    except (SearchError, GalleryError) as error:
-        return _fail(error)
-    except Exception as error:
-        from avsync.cli import _is_input_error
+def _reported(action):
+    """`action`, with an unusable input reported in one line (exit status 2) as `avsync index ACTION`."""
 
-        if not _is_input_error(error):
-            raise
-        return _fail(error)
+    @functools.wraps(action)
+    def run(options) -> int:
+        try:
+            return action(options)
+        except (SearchError, GalleryError) as error:
+            return _fail(error)
+        except Exception as error:
+            from avsync.cli import _is_input_error
+
+            if not _is_input_error(error):
+                raise
+            return _fail(error)
+
+    return run
 
 
 def _fail(error: BaseException) -> int:
@@ -37,25 +43,14 @@ def _say(message: str) -> None:
     print(f"{PROGRAM}: {message}", file=sys.stderr, flush=True)
 
 
-def build_main(args) -> int:
+@_reported
+def run_build(options: IndexBuild) -> int:
     from avsync.search.compressed import CompressedSettings
     from avsync.search.index import SearchIndex, build_index
 
-    settings = CompressedSettings(
-        pca_dim=args.pca_dim, base_dim=args.base_dim, train_clips=args.train_clips, candidates=args.candidates
-    )
-    for name in ("pca_dim", "base_dim", "train_clips", "candidates", "chunk_clips"):
-        if getattr(args, name) < 1:
-            raise SearchError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    settings = CompressedSettings(**matching(options, CompressedSettings))
     out = build_index(
-        args.source,
-        args.out,
-        kind=args.kind,
-        modalities=args.modalities,
-        settings=settings,
-        chunk_clips=args.chunk_clips,
-        overwrite=args.overwrite,
-        log=None if args.quiet else _say,
+        **matching(options, build_index, settings=settings, log=None if options.quiet else _say)
     )
     facts = SearchIndex(out).facts
     sizes = ", ".join(f"{m} {size / 2**20:,.1f} MiB" for m, size in facts["bytes"].items())
@@ -66,31 +61,32 @@ def build_main(args) -> int:
     return 0
 
 
-def search_main(args) -> int:
+@_reported
+def run_search(options: IndexSearch) -> int:
     from avsync.search.index import SearchIndex
 
-    index = SearchIndex(args.index)
-    modality = args.modality or ("audio" if args.audio is not None else "video")
-    if args.audio is not None and modality != "audio":
-        raise SearchError(f"{args.audio}: an audio file is an audio query; --modality video needs --video")
-    if args.top_k < 1:
-        raise SearchError(f"--top-k must be positive, got {args.top_k}")
+    index = SearchIndex(options.index)
+    modality = options.modality or ("audio" if options.audio is not None else "video")
+    if options.audio is not None and modality != "audio":
+        raise SearchError(f"{options.audio}: an audio file is an audio query; --modality video needs --video")
     index.faiss_index(TARGET[modality])  # a missing gallery is reported before any model is loaded
-    if args.clip is not None:
-        tokens = index.clip_tokens(args.clip, modality)
-        query = {"clip": args.clip}
+    if options.clip is not None:
+        tokens = index.clip_tokens(options.clip, modality)
+        query = {"clip": options.clip}
     else:
         from avsync.search.queries import audio_file_tokens, query_model, video_file_tokens
 
-        model = query_model(index, args.ckpt, args.device)
-        if args.audio is not None:
-            tokens, query = audio_file_tokens(model, args.audio), {"audio": str(args.audio)}
+        model = query_model(index, options.ckpt, options.device)
+        if options.audio is not None:
+            tokens, query = audio_file_tokens(model, options.audio), {"audio": str(options.audio)}
         else:
-            tokens, query = video_file_tokens(model, args.video, modality), {"video": str(args.video)}
+            tokens, query = video_file_tokens(model, options.video, modality), {"video": str(options.video)}
     name = next(iter(query.values()))
     tokens = index.check_query(tokens, f"{name} ({modality} query)")
-    (hits,) = index.search(tokens, modality, args.top_k, candidates=args.candidates, rerank=args.rerank)
-    if args.json:
+    (hits,) = index.search(
+        tokens, modality, options.top_k, candidates=options.candidates, rerank=options.rerank
+    )
+    if options.json:
         report = {
             "index": str(index.directory),
             "kind": index.kind,

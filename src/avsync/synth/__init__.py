@@ -9,11 +9,10 @@ clip and its annotations), `config` (parameters), `generate` (the set, its table
 from avsync.synth.generate import (
     SPLITS,
     SynthManifest,
-    build_parser,
     load_synth,
-    main,
+    run_synth,
     synthesize,
     synthesize_config,
 )
 
-__all__ = ["SPLITS", "SynthManifest", "build_parser", "load_synth", "main", "synthesize", "synthesize_config"]
+__all__ = ["SPLITS", "SynthManifest", "load_synth", "run_synth", "synthesize", "synthesize_config"]

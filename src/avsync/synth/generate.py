@@ -11,6 +11,9 @@ CSVs that `avsync prepare` reads, plus the per-frame ground truth that evaluatio
     OUT/annotations/<clip>.json        events and the class at the 16 frame times (below)
     OUT/masks/<clip>/f00.png..f15.png  the sounding object's pixels at those times (uint8, 255 = object)
     OUT/splits/{train,test}.txt        clip ids; a `--holdout` fraction held out for evaluation
+    OUT/localization_{train,test,all}.csv  per split, the localization manifest `avsync localize` reads
+                                       (docs/localization.md: video,frame,mask,class; a row per frame)
+    OUT/localization_classes.txt       its class names (the mids) in index order
     OUT/synth.json                     parameters, class designs, counts, clip list (written last)
 
 An annotation holds `events` (`start`, `end` in seconds, half-open, and the same as `start_frame`,
@@ -23,14 +26,18 @@ same object in the same place, so the ground truth holds for either reading of "
 The set depends only on its parameters (clip `i` on `(seed, i)`, however the work is split among
 workers); with the encoders single-threaded, even the mp4 bytes repeat on the same FFmpeg build. It is
 built in a staging folder that replaces OUT's set only when complete, and an OUT that already holds the
-same set is reused as it is ("cached"). Only the set's own files are replaced: other entries beside them
-in OUT (a user's notes, a folder of their work) stay, and a file inside the set's folders that is not the
-set's (`videos/mine.mp4`) makes the command refuse rather than delete it.
+same set is reused as it is ("cached"; a set written before the localization manifests existed gets them
+added, without re-rendering, so that the shards prepared from it stay valid). Only the set's own files
+are replaced: other entries beside them in OUT (a user's notes, a folder of their work) stay, and a file
+inside the set's folders that is not the set's (`videos/mine.mp4`) makes the command refuse rather than
+delete it.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
@@ -58,7 +65,7 @@ from avsync.synth.clip import (
     write_clip,
 )
 from avsync.synth.config import KIND_DEFAULTS, KINDS, SYNTH_VERSION, SynthConfig, parse_fps
-from avsync.tool_parsers import synth as build_parser
+from avsync.tools import Synth, matching
 
 MANIFEST_NAME = "synth.json"
 MANIFEST_FORMAT = "avsync-synth"
@@ -70,7 +77,13 @@ SET_FOLDERS = {
     "masks": re.compile(r"synth_s\d+_\d+/f\d+\.png"),
     "splits": re.compile(r"(train|test)\.txt"),
 }
-SET_FILES = (MANIFEST_NAME, "labels.csv", "classes.csv")
+#: The files the product reads as it reads real data (`avsync.tasks.localization_data.SYNTH_MANIFEST`
+#: and `SYNTH_CLASSES`; the product does not import this package): a localization manifest per split
+#: (`all`: every clip) and its class list. The segmentation annotations are `annotations/<clip>.json`.
+LOCALIZATION_MANIFEST, LOCALIZATION_CLASSES = "localization_{split}.csv", "localization_classes.txt"
+LOCALIZATION_SPLITS = (*SPLITS, "all")
+PRODUCT_FILES = (*(LOCALIZATION_MANIFEST.format(split=s) for s in LOCALIZATION_SPLITS), LOCALIZATION_CLASSES)
+SET_FILES = (MANIFEST_NAME, "labels.csv", "classes.csv", *PRODUCT_FILES)
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,10 @@ class SynthManifest:
 
     def annotation(self, clip: str) -> dict[str, Any]:
         return json.loads(self.annotation_file(clip).read_text())
+
+    def localization_manifest(self, split: str | None = "test") -> Path:
+        """The localization manifest of `split` (None: every clip), the file `avsync localize` reads."""
+        return self.out_dir / LOCALIZATION_MANIFEST.format(split=split or "all")
 
     def to_json(self) -> dict[str, Any]:
         split_of = {clip: split for split, ids in self.splits.items() for clip in ids}
@@ -190,6 +207,7 @@ def synthesize_config(
     if not force:
         existing = _complete_set(out_dir)
         if existing is not None and existing.config == config:
+            _write_product_files(existing, missing_only=True)
             return dataclasses.replace(existing, cached=True, seconds=time.perf_counter() - started)
     kept = _check_replaceable(out_dir)
 
@@ -203,6 +221,7 @@ def synthesize_config(
         raise
     manifest = SynthManifest(staging, config, catalogue(config), records, _split(config))
     _write_tables(manifest)
+    _write_product_files(manifest)
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     _replace(out_dir, staging)
     return SynthManifest(
@@ -368,6 +387,35 @@ def _write_tables(manifest: SynthManifest) -> None:
         (out / "splits" / f"{split}.txt").write_text("".join(f"{c}\n" for c in ids))
 
 
+def _write_product_files(manifest: SynthManifest, missing_only: bool = False) -> None:
+    """The localization manifests (`video,frame,mask,class`, a row per annotated frame, paths relative
+    to the set) and their class list, built from the annotations (each read once). `missing_only`: add
+    those absent from a complete set written before they existed, each atomically (a temporary name,
+    then a rename)."""
+    names = [name for name in PRODUCT_FILES if not (missing_only and (manifest.out_dir / name).is_file())]
+    if not names:
+        return
+    mids = [c.mid for c in manifest.classes]
+    frames = {c.clip_id: manifest.annotation(c.clip_id)["frames"] for c in manifest.clips}
+    contents = {LOCALIZATION_CLASSES: "".join(f"{mid}\n" for mid in mids)}
+    for split in LOCALIZATION_SPLITS:
+        clips = manifest.splits[split] if split in manifest.splits else list(frames)
+        rows = [["video", "frame", "mask", "class"]]
+        for clip in clips:
+            video = video_path(Path(), clip).as_posix()
+            masks, classes = frames[clip]["masks"], frames[clip]["class_indices"]
+            rows += [
+                [video, str(i), mask, mids[k]] for i, (mask, k) in enumerate(zip(masks, classes, strict=True))
+            ]
+        lines = io.StringIO()
+        csv.writer(lines, lineterminator="\n").writerows(rows)
+        contents[LOCALIZATION_MANIFEST.format(split=split)] = lines.getvalue()
+    for name in names:
+        partial = manifest.out_dir / f".{name}.partial"
+        partial.write_text(contents[name])
+        partial.replace(manifest.out_dir / name)
+
+
 def _replace(out_dir: Path, staging: Path) -> None:
     """Swap the finished staging folder's entries in for the set's own entries of `out_dir` (absent,
     empty, or an older set), one rename each; the other entries of `out_dir` stay where they are.
@@ -399,26 +447,11 @@ def parse_size(value: int | str | tuple[int, int]) -> tuple[int, int]:
         raise ValueError(f"invalid synth parameters: --size must be SIDE or WxH, got {value!r}") from error
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_synth(options: Synth) -> int:
+    """`avsync synth`: exit status 0 when the set is written (or already there), 2 for bad parameters."""
     try:
         manifest = synthesize(
-            args.out,
-            args.clips,
-            args.classes,
-            args.seed,
-            kind=args.kind,
-            duration=args.duration,
-            fps=args.fps,
-            size=args.size,
-            sample_rate=args.sample_rate,
-            channels=args.channels,
-            holdout=args.holdout,
-            events=tuple(args.events),
-            min_event=args.min_event,
-            workers=args.workers,
-            force=args.force,
-            progress=True,
+            options.out, **matching(options, synthesize, events=tuple(options.events), progress=True)
         )
     except (ValueError, FileExistsError) as error:
         print(f"avsync synth: error: {error}", file=sys.stderr)
@@ -432,7 +465,3 @@ def main(argv: list[str] | None = None) -> int:
         if manifest.kept:
             print(f"kept what else was there, untouched: {', '.join(manifest.kept)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

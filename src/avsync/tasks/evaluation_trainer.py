@@ -6,6 +6,8 @@ import logging
 
 import lightning as L
 
+from avsync.training.kernels import KernelChoice
+
 #: Where Lightning announces the hardware ("GPU available: False, used: False", "TPU available: ...")
 #: and its product tips ("💡 Tip: ... litlogger"): noise around a tool's results.
 ANNOUNCING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
@@ -21,7 +23,7 @@ def quiet_lightning() -> None:
 def evaluation_trainer(**overrides) -> L.Trainer:
     """A single-device Trainer without logger, checkpoints, progress bar, model summary or hardware
     banner; `overrides` are Trainer arguments (e.g. `accelerator`, `precision`, `max_epochs` for a probe
-    fit)."""
+    fit). The run's CPU kernels are the ones measured fastest on this host (`KernelChoice`)."""
     quiet_lightning()
     settings = dict(
         accelerator="auto",
@@ -31,4 +33,5 @@ def evaluation_trainer(**overrides) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    return L.Trainer(**(settings | overrides))
+    callbacks = [*(overrides.pop("callbacks", None) or []), KernelChoice()]
+    return L.Trainer(**(settings | overrides), callbacks=callbacks)

@@ -12,7 +12,7 @@ reads that file through `PretrainModule(init_from=...)`, the same import path as
     avsync fit --config configs/pretrain/tiny_cpu.yaml --model.init_args.init_from runs/.../mae.pth
 
 Depth is the backbone's encoder depth plus its joint depth: blocks `0..d-1` initialize both modality
-encoders, the rest the joint layer (`avsync.model.interop.init_from_mae`).
+encoders, the rest the joint layer (`avsync.checkpoints.init_from_mae`).
 """
 
 from __future__ import annotations

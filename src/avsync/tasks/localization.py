@@ -19,7 +19,6 @@ mask) into its `output_dir`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from avsync.checkpoints import resolve_backbone
 from avsync.config_checks import check_count
 from avsync.data.clip import ExtractionOptions
 from avsync.evaluation.localization import (
@@ -46,7 +46,6 @@ from avsync.evaluation.localization import (
     normalize_maps,
     upsample_maps,
 )
-from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
 from avsync.model.patch_readout import PatchReadout, check_patch_readout, video_patch_features
 from avsync.output_paths import check_output_folder
@@ -57,6 +56,7 @@ from avsync.tasks.localization_data import (
     Rejection,
 )
 from avsync.tasks.visualize import denormalize_frame
+from avsync.tools import Localize, matching
 
 __all__ = [
     "LocalizationDataModule",
@@ -142,7 +142,7 @@ class LocalizationModule(L.LightningModule):
 
     Args:
         backbone / backbone_checkpoint (+ authors_kwargs): the frozen model, given or loaded from a file
-            (`avsync.loading.load_backbone`, as retrieval and probing do).
+            (`avsync.checkpoints.load_backbone`, as retrieval and probing do).
         class_names: names of the class indices the batches carry; default: the data module's.
         patch_readout: the visual features the audio token is compared with (`patch_tokens`, the
             paper's; `global_readout` or `self_attention`: see `avsync.model.patch_readout`).
@@ -409,47 +409,23 @@ def evaluate_localization(
     return module
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`avsync localize`'s parser (in `avsync.tool_parsers`, free of torch, so that help is quick)."""
-    from avsync.tool_parsers import localize
-
-    return localize()
-
-
-def main(argv: list[str] | None = None) -> int:
+def run_localize(options: Localize) -> int:
     """`avsync localize`: the short form of `avsync test --config configs/localization/...`; it builds
     the same `LocalizationModule` and `LocalizationDataModule` and runs `trainer.test` with a progress bar."""
-    args = build_parser().parse_args(argv)
-    from avsync.checkpoint_io import CheckpointError
+    from avsync.checkpoints import CheckpointError
 
     try:
-        check_output_folder(args.out)  # before the model is read and the inputs scored
-        data = LocalizationDataModule(
-            manifest=None if args.manifest is None else str(args.manifest),
-            synth=None if args.synth is None else str(args.synth),
-            split=args.split,
-            classes=None if args.classes is None else str(args.classes),
-            audio_start=args.audio_start,
-            mismatched_sounds=args.mismatched_sounds,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            alignment=args.alignment,
-        )
-        module = LocalizationModule(
-            backbone_checkpoint=str(args.ckpt),
-            patch_readout=args.patch_readout,
-            prompt_surgery=args.prompt_surgery,
-            normalization=args.normalization,
-            overlays=args.overlays,
-            output_dir=str(args.out),
-        )
+        check_output_folder(options.out)  # before the model is read and the inputs scored
+        data = LocalizationDataModule(**matching(options, LocalizationDataModule))
+        paths = {"backbone_checkpoint": str(options.ckpt), "output_dir": str(options.out)}
+        module = LocalizationModule(**matching(options, LocalizationModule, **paths))
         data.prompts  # noqa: B018 - read the manifest here: its errors are reported in one line
     except (CheckpointError, ValueError, OSError) as error:
         print(f"avsync localize: error: {error}", file=sys.stderr)
         return 2
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no accelerator banner in a report tool
     trainer = evaluation_trainer(
-        accelerator=args.accelerator, precision=args.precision, enable_progress_bar=True
+        accelerator=options.accelerator, precision=options.precision, enable_progress_bar=True
     )
     trainer.test(module, datamodule=data, verbose=False)
     for rejection in module.skipped:
@@ -461,10 +437,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"mAP {100 * result.mean_ap:.1f}  mIoU {100 * result.mean_iou:.1f}  "
         f"over {module.prompts_scored} prompts, {len(result.per_class)} classes; "
-        f"{len(module.skipped)} skipped -> {args.out / 'metrics.json'}"
+        f"{len(module.skipped)} skipped -> {options.out / 'metrics.json'}"
     )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,5 +1,5 @@
 """What sound-prompted segmentation is scored on: prompts (an image, a sound, a mask, a class), read from a
-CSV manifest or from a synthetic set, decoded into model inputs.
+CSV manifest (a synthetic set's included: `avsync synth` writes one per split), decoded into model inputs.
 
 Three kinds of source, one per dataset item:
 - `ImagePrompt`: an image prompted with a separate sound (ADE20K-Sound style). The sound is any file
@@ -7,9 +7,13 @@ Three kinds of source, one per dataset item:
   or starts at `audio_start` seconds. Frames of the window outside the sound hold the dataset mean (0
   after normalization), as the edge windows of training clips do.
 - `FramePrompt`: the frame of a video at `frame_time`, prompted with the video's own sound around that
-  time (the window centred on the same moment, SPEC §1's `clip` alignment).
-- `ClipPrompts`: all 16 SPEC frames of a clip, each with its aligned window (the synthetic sets): the
-  clip is decoded once, through the same path as `avsync prepare` (JPEG frames included).
+  time (the window centred on the same moment, SPEC §1's `clip` alignment); frame and sound come from
+  one opening of the file (`clip.ClipSession`, as `avsync prepare` decodes).
+- `ClipPrompts`: frames of a video chosen among its 16 SPEC frames (manifest rows `video` + `frame`; the
+  synthetic sets give all 16), each with its aligned window, as training sees them: the clip is decoded
+  once, through the same path as `avsync prepare` (`extract_video_clip`). Its frames go through the
+  shards' JPEG and its spectrogram through their float16 on purpose: a model trained on shards is
+  scored on the pixels and values it was trained on, so the JPEG is decoded again here.
 
 Geometry: images go through the evaluation transform (short side to `image_size`, bicubic, centre crop);
 masks go through DenseAV's label transform (`crop_mask`: short side to `image_size` nearest-neighbour,
@@ -45,16 +49,20 @@ from torch.utils.data import DataLoader, Dataset
 from avsync.config_checks import check_count, check_number
 from avsync.data.alignment import AlignmentMode, aligned_windows
 from avsync.data.audio import decode_audio
-from avsync.data.clip import ExtractionOptions, check_duration, extract_video_clip
+from avsync.data.clip import ClipSession, ExtractionOptions, check_duration, extract_video_clip
 from avsync.data.errors import DecodeError
 from avsync.data.fbank import log_mel_fbank
-from avsync.data.media import open_media, probe
+from avsync.data.media import open_media
 from avsync.data.member_paths import inside_path
+from avsync.data.sources import printable, short_hash
 from avsync.data.transforms import AUDIO_MEAN, AUDIO_STD, CenterFrame, frames_to_tensor
-from avsync.data.video import sample_frames
 
 #: Longest prompt sound decoded (s); longer files are refused rather than read into memory whole.
 MAX_AUDIO_SECONDS = 600.0
+#: What `avsync synth` writes in its folder for this module to read (docs/localization.md): a manifest
+#: per split (`train`, `test`, `all`) of `video` + `frame` rows, and the class names in index order.
+SYNTH_MANIFEST, SYNTH_CLASSES = "localization_{split}.csv", "localization_classes.txt"
+SYNTH_SPLITS = ("train", "test")
 
 
 class Rejection(NamedTuple):
@@ -88,10 +96,22 @@ class FramePrompt:
 
 @dataclass(frozen=True)
 class ClipPrompts:
+    """Frames `frames` (SPEC frame numbers) of one video, with a mask and a class each."""
+
     key: str
     video: Path
+    frames: tuple[int, ...]
     masks: tuple[Path, ...]
     class_indices: tuple[int, ...]
+
+
+class _ClipFrame(NamedTuple):
+    """One `video` + `frame` manifest row, before the rows of its video are gathered."""
+
+    video: Path
+    frame: int
+    mask: Path
+    class_index: int
 
 
 Source = ImagePrompt | FramePrompt | ClipPrompts
@@ -111,10 +131,11 @@ def read_manifest(
     path: str | Path, classes: Sequence[str] | None = None, audio_start: float | None = None
 ) -> PromptSet:
     """Read a CSV manifest: columns `mask`, `class`, and per row either `image` + `audio` (optional
-    `audio_start`, seconds; default `audio_start`) or `video` + `frame_time` (seconds). Paths are relative
-    to the CSV's folder. `classes`: the known class names (rows naming another class are refused);
-    default: the classes the manifest names, sorted. Raises `ValueError` for a manifest without the
-    needed columns; refuses (and records) single bad rows."""
+    `audio_start`, seconds; default `audio_start`), `video` + `frame_time` (seconds) or `video` + `frame`
+    (a SPEC frame number; the rows of one video become one `ClipPrompts`, decoded once). Paths are
+    relative to the CSV's folder. `classes`: the known class names (rows naming another class are
+    refused); default: the classes the manifest names, sorted. Raises `ValueError` for a manifest without
+    the needed columns; refuses (and records) single bad rows."""
     path = Path(path)
     root = path.parent
     try:
@@ -126,10 +147,11 @@ def read_manifest(
     if not rows:
         raise ValueError(f"{path}: the manifest has no rows")
     missing = {"mask", "class"} - columns
-    if missing or not ({"image", "audio"} <= columns or {"video", "frame_time"} <= columns):
+    forms = ({"image", "audio"}, {"video", "frame_time"}, {"video", "frame"})
+    if missing or not any(form <= columns for form in forms):
         raise ValueError(
-            f"{path}: a manifest needs the columns mask, class and either image + audio or "
-            f"video + frame_time; it has {sorted(columns)}"
+            f"{path}: a manifest needs the columns mask, class and one of image + audio, "
+            f"video + frame_time or video + frame; it has {sorted(columns)}"
         )
     names = (
         list(classes)
@@ -137,15 +159,50 @@ def read_manifest(
         else sorted({(row.get("class") or "").strip() for row in rows} - {""})
     )
     index_of = {name: i for i, name in enumerate(names)}
-    sources: list[Source] = []
+    read: list[Source | list[_ClipFrame]] = []  # a video's frame rows gather where its first one is
+    frames_of: dict[Path, list[_ClipFrame]] = {}
     rejected: list[Rejection] = []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path.name} line {number}"
         try:
-            sources.append(_manifest_row(row, root, where, index_of, audio_start))
+            source = _manifest_row(row, root, where, index_of, audio_start)
         except ValueError as error:
             rejected.append(Rejection(where, str(error)))
+            continue
+        if not isinstance(source, _ClipFrame):
+            read.append(source)
+        elif source.video in frames_of:
+            frames_of[source.video].append(source)
+        else:
+            read.append(frames_of.setdefault(source.video, [source]))
+    keys = _clip_keys(list(frames_of))
+    sources = [
+        ClipPrompts(
+            keys[item[0].video],
+            item[0].video,
+            tuple(row.frame for row in item),
+            tuple(row.mask for row in item),
+            tuple(row.class_index for row in item),
+        )
+        if isinstance(item, list)
+        else item
+        for item in read
+    ]
     return PromptSet(sources, names, rejected)
+
+
+def _clip_keys(videos: list[Path]) -> dict[Path, str]:
+    """A name per video of `video` + `frame` rows (its frames are keyed `<name>/fNN`): the file's stem,
+    or, for a later video with the same stem, the stem and a hash of its path (as `avsync segment`)."""
+    keys: dict[Path, str] = {}
+    taken: set[str] = set()
+    for video in videos:
+        key = printable(video.stem)
+        if key.casefold() in taken:
+            key = f"{key}-{short_hash(str(video))}"
+        taken.add(key.casefold())
+        keys[video] = key
+    return keys
 
 
 def _manifest_row(
@@ -168,6 +225,16 @@ def _manifest_row(
     if name not in index_of:
         raise ValueError(f"unknown class {name!r}")
     mask = existing("mask")
+    if value("video") and value("frame"):
+        if value("frame_time"):
+            raise ValueError("give frame (a SPEC frame number) or frame_time (seconds), not both")
+        try:
+            frame = int(value("frame"))
+        except ValueError as error:
+            raise ValueError(f"frame {value('frame')!r} is not a frame number (0, 1, ...)") from error
+        if frame < 0:
+            raise ValueError(f"frame {frame} is negative")
+        return _ClipFrame(existing("video"), frame, mask, index_of[name])
     if value("video"):
         try:
             frame_time = float(value("frame_time"))
@@ -186,29 +253,24 @@ def _manifest_row(
 
 
 def synth_prompt_set(synth_dir: str | Path, split: str | None = "test") -> PromptSet:
-    """Every clip of a synthetic set (`avsync synth`), or of one split: its 16 frames, each prompted with
-    its aligned window and scored against the synth mask; the class is the event's at that frame."""
-    from avsync.synth import SPLITS, load_synth
-
-    manifest = load_synth(synth_dir)
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS} or all")
-    clips = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]
-    sources: list[Source] = []
-    for clip in clips:
-        frames = manifest.annotation(clip)["frames"]
-        sources.append(
-            ClipPrompts(
-                clip,
-                manifest.video(clip),
-                tuple(
-                    inside_path(manifest.out_dir, mask, manifest.annotation_file(clip))
-                    for mask in frames["masks"]
-                ),
-                tuple(int(k) for k in frames["class_indices"]),
+    """Every clip of a synthetic set (`avsync synth`), or of one split (None: all clips): its 16 frames,
+    each prompted with its aligned window and scored against the synth mask; the class is the event's at
+    that frame. Read from the manifest the generator writes beside its clips (`SYNTH_MANIFEST`), with
+    its class list (`SYNTH_CLASSES`, in index order), so synthetic and real data take one path."""
+    if split is not None and split not in SYNTH_SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SYNTH_SPLITS} or all")
+    folder = Path(synth_dir)
+    manifest, classes = folder / SYNTH_MANIFEST.format(split=split or "all"), folder / SYNTH_CLASSES
+    for path in (manifest, classes):
+        if path.is_file():
+            continue
+        if (folder / "synth.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: not found; this synthetic set was written before avsync synth wrote localization "
+                f"manifests: run avsync synth {folder} again with the same parameters (it adds them)"
             )
-        )
-    return PromptSet(sources, [c.mid for c in manifest.classes], [])
+        raise FileNotFoundError(f"{folder} holds no synthetic set of avsync synth (no {path.name})")
+    return read_manifest(manifest, read_class_list(classes))
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -324,42 +386,35 @@ class PromptDataset(Dataset):
         return self._example([image], [mask], window[None], [source.class_index], [source.key])
 
     def _frame_prompt(self, source: FramePrompt) -> dict:
-        with open_media(source.video) as container:
-            info = probe(container, source.video)
+        with ClipSession(source.video) as session:  # the video is opened once, for frame and sound
+            info = session.info
             check_duration(source.video, float(info.duration), self.options)
             if source.frame_time >= info.duration:
                 raise ValueError(
                     f"frame_time {source.frame_time} s is past the video's end ({float(info.duration):.2f} s)"
                 )
-            frames = sample_frames(
-                container,
-                source.video,
-                [Fraction(source.frame_time)],
-                info.video_start,
-                self.options.short_side,
-            )
-        mask = read_mask(source.mask)
-        width, height = frames.upright(info.width, info.height)  # a rotated video's frames are upright
-        if mask.shape != (height, width):
-            raise ValueError(
-                f"mask {source.mask.name} is {mask.shape[1]}x{mask.shape[0]}, video {source.video.name} is "
-                f"{width}x{height}"
-            )
-        fbank = self._sound(source.video)
+            frames = session.frames([Fraction(source.frame_time)], self.options.short_side)
+            mask = read_mask(source.mask)
+            width, height = frames.upright(info.width, info.height)  # a rotated video's frames are upright
+            if mask.shape != (height, width):
+                raise ValueError(
+                    f"mask {source.mask.name} is {mask.shape[1]}x{mask.shape[0]}, video {source.video.name} "
+                    f"is {width}x{height}"
+                )
+            waveform = session.audio(self.options.fbank.sample_rate, self.options.mono, MAX_AUDIO_SECONDS)
+        fbank = self._fbank(waveform.samples, source.video)
         centre = round(source.frame_time * fbank.shape[0] / float(info.duration))
         window = centred_window(fbank, centre, self.audio_length, self.mean)
         image = Image.fromarray(frames.images[0])
         return self._example([image], [mask], window[None], [source.class_index], [source.key])
 
     def _clip_prompts(self, source: ClipPrompts) -> dict:
+        frames = list(source.frames)
+        if max(frames) >= self.options.num_frames:
+            raise ValueError(f"frame {max(frames)} is past the clip's {self.options.num_frames} SPEC frames")
         clip = extract_video_clip(source.video, self.options)
         size = (clip.metadata["height"], clip.metadata["width"])
         masks = [read_mask(path) for path in source.masks]
-        if len(masks) != self.options.num_frames or len(source.class_indices) != self.options.num_frames:
-            raise ValueError(
-                f"{len(masks)} masks and {len(source.class_indices)} classes "
-                f"for {self.options.num_frames} frames"
-            )
         for path, mask in zip(source.masks, masks, strict=True):
             if mask.shape != size:
                 raise ValueError(
@@ -367,8 +422,9 @@ class PromptDataset(Dataset):
                 )
         fbank = torch.from_numpy(clip.fbank).float()
         audio = aligned_windows(fbank, self.options.num_frames, self.audio_length, self.alignment, self.mean)
-        images = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in clip.frames]
-        keys = [f"{source.key}/f{i:02d}" for i in range(len(images))]
+        audio = audio[frames]
+        images = [Image.open(io.BytesIO(clip.frames[i])).convert("RGB") for i in frames]
+        keys = [f"{source.key}/f{i:02d}" for i in frames]
         return self._example(images, masks, audio, list(source.class_indices), keys)
 
     # -- shared
@@ -377,7 +433,10 @@ class PromptDataset(Dataset):
             waveform = decode_audio(
                 container, path, self.options.fbank.sample_rate, self.options.mono, MAX_AUDIO_SECONDS
             )
-        fbank = log_mel_fbank(waveform.samples, self.options.fbank)
+        return self._fbank(waveform.samples, path)
+
+    def _fbank(self, samples: np.ndarray, path: Path) -> torch.Tensor:
+        fbank = log_mel_fbank(samples, self.options.fbank)
         if fbank.shape[0] == 0:
             raise DecodeError(path, "sound shorter than one spectrogram frame")
         return fbank
@@ -474,7 +533,8 @@ class LocalizationDataModule(L.LightningDataModule):
 
     Args:
         manifest: a CSV manifest (see `read_manifest`); or
-        synth: a synthetic set (`avsync synth`), every frame of a split prompted with its own window.
+        synth: a synthetic set (`avsync synth`), every frame of a split prompted with its own window
+            (the split's manifest that `avsync synth` writes there, `synth_prompt_set`).
         split: the synthetic split: `train`, `test` or `all`.
         classes: a class-list file (`read_class_list`) for a manifest; rows naming another class are
             refused. Default: the classes the manifest names, sorted.

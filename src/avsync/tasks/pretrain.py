@@ -12,11 +12,9 @@ import torch
 from einops import rearrange
 from torch.optim.lr_scheduler import LambdaLR
 
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import MAE_INIT_HINT, CheckpointError, init_from_mae, resolve_backbone
 from avsync.config_checks import check_count, check_optimizer
-from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
-from avsync.model.interop import MAE_INIT_HINT, init_from_mae
 from avsync.tasks.visualize import reconstruction_panels
 from avsync.training.nonfinite import NonFiniteLossGuard
 
@@ -61,7 +59,7 @@ class PretrainModule(L.LightningModule):
         warmup_steps: the warm-up in optimizer steps instead (for runs whose epochs have no length).
         min_lr: learning rate at the end of the cosine.
         init_from: the ImageNet MAE checkpoint to start from (a local file, read weights-only), mapped as
-            CAV-MAE's adapt_vmae_weights.py maps it (`avsync.model.interop.init_from_mae`); `none`: random
+            CAV-MAE's adapt_vmae_weights.py maps it (`avsync.checkpoints.init_from_mae`); `none`: random
             initialization, on purpose.
         log_images_every_n_steps: TensorBoard images of input, masked input and reconstruction (0: off).
         compile: `torch.compile` the backbone (training and validation passes; see `BENCHMARKS.md`).

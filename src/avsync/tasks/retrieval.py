@@ -11,13 +11,13 @@ A run is `avsync test --config configs/retrieval/<recipe>.yaml` (LightningCLI: t
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from avsync.checkpoints import resolve_backbone
 from avsync.config_checks import check_count
 from avsync.evaluation.retrieval import (
     DIRECTIONS,
@@ -30,9 +30,8 @@ from avsync.evaluation.retrieval import (
     write_metrics_json,
 )
 from avsync.evaluation.similarity import STRATEGIES, Strategy
-from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
-from avsync.output_paths import OutputError, check_output_file, check_output_folder
+from avsync.output_paths import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ def retrieval_config(
     top_k: int = 0,
     batch_size: int = 8,
     workers: int = 2,
-    alignment: str = "clip",
+    alignment: str | None = "clip",
     accelerator: str = "auto",
     devices: str | int = "auto",
     precision: str = "32-true",
@@ -186,71 +185,9 @@ def retrieval_config(
     }
 
 
-def _is_retrieval_config(path: Path) -> bool:
+def is_retrieval_config(path: Path) -> bool:
+    """Whether `path` is the config an `avsync retrieve` run saved (it may be replaced)."""
     try:
         return f"{__name__}.RetrievalModule" in path.read_text()
     except (OSError, UnicodeDecodeError):
         return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`avsync retrieve --ckpt PATH --shards DIR`: retrieval over prepared shards, printed and saved.
-
-    The options become a `retrieval_config`, run by the same LightningCLI as `avsync test --config`."""
-    import json
-    import tempfile
-
-    from avsync.cli import lightning_cli
-    from avsync.data.alignment import default_alignment
-    from avsync.distributed import release_process_group
-    from avsync.loading import load_backbone
-    from avsync.tasks.evaluation_trainer import quiet_lightning
-    from avsync.tool_parsers import retrieve as build_parser
-
-    parser = build_parser()  # torch-free, so that `avsync retrieve --help` is quick
-    args = parser.parse_args(argv)
-    if args.out:  # before the model is read and the shards embedded
-        try:
-            check_output_folder(args.out)
-            check_output_file(  # LightningCLI saves the run's config there (provenance)
-                Path(args.out) / "config.yaml",
-                ours=_is_retrieval_config,
-                what="the saved config of an avsync retrieval run",
-            )
-        except OutputError as error:
-            print(f"avsync retrieve: error: {error}", file=sys.stderr)
-            return 2
-    alignment = args.alignment
-    if alignment is None:  # the model's window decides (one extra read of the checkpoint)
-        alignment = default_alignment(load_backbone(args.ckpt, **args.authors_kwargs).audio_length)
-    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    with tempfile.TemporaryDirectory(prefix="avsync-retrieve-") as scratch:
-        config = retrieval_config(
-            args.ckpt,
-            args.shards,
-            out=args.out,
-            strategies=args.strategies,
-            directions=args.directions,
-            top_k=args.top_k,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            alignment=alignment,
-            accelerator=args.accelerator,
-            devices=args.devices,
-            precision=precision,
-            authors_kwargs=args.authors_kwargs,
-            root_dir=args.out or scratch,
-        )
-        quiet_lightning()  # the table below is the output, not Lightning's hardware banner
-        cli = lightning_cli(["test", "--config", json.dumps(config)])
-        release_process_group()
-    if cli.trainer.global_rank == 0:
-        print(format_table(cli.model.results))
-        if args.out:
-            rankings = " and rankings/" if args.top_k else ""
-            print(f"wrote {Path(args.out) / 'retrieval.json'}, retrieval.csv{rankings}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -55,6 +55,7 @@ from avsync.evaluation.segmentation import (
     segment_frames,
 )
 from avsync.model import CAVMAESync
+from avsync.tools import Segment, matching
 
 FeatureKind = Literal["video", "audio_visual", "audio"]
 #: Bar order of Fig. 6: visual, audio-visual, audio.
@@ -269,10 +270,10 @@ def read_segment_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-# ------------------------------------------------------------------------------------------ synthetic sets
+# --------------------------------------------------------------------------- annotated videos, synthetic sets
 @dataclass
 class SynthSegmentationScore:
-    """Per-clip results on a synthetic set and their means per feature kind."""
+    """Per-clip results on annotated videos (a synthetic set's, or any) and their means per feature kind."""
 
     clips: list[VideoSegmentation]
     skipped: list[tuple[str, str]]
@@ -292,6 +293,42 @@ class SynthSegmentationScore:
         }
 
 
+def score_segmentation(
+    backbone: CAVMAESync,
+    videos: Sequence[tuple[str, Path]],
+    annotations: str | Path,
+    num_segments: int | Literal["auto"] | None = None,
+    linkage: Linkage = "ward",
+    contiguous: bool = False,
+    options: ExtractionOptions | None = None,
+) -> SynthSegmentationScore:
+    """Segment each `(name, video)` and score it against its per-frame labels, `<name>.json` in the
+    folder `annotations` (`read_annotation`). A video that cannot be decoded, or has no annotation, is
+    skipped with its reason. `num_segments=None`: each clip's own number of distinct labels (the true
+    count); `"auto"`: the silhouette's choice."""
+    clips, skipped = [], []
+    for name, video in videos:
+        truth = read_annotation(Path(annotations), name)
+        if truth is None:
+            skipped.append((name, f"no annotation {name}.json in {annotations}"))
+            continue
+        try:
+            features = clip_features(backbone, video, options)
+        except DecodeError as error:
+            skipped.append((name, str(error)))
+            continue
+        clips.append(segment_clip(features, num_segments, truth, linkage, contiguous))
+    return SynthSegmentationScore(clips, skipped)
+
+
+def synth_videos(synth_dir: str | Path, split: str | None = "test") -> list[tuple[str, Path]]:
+    """`(clip id, video)` of a synthetic set's split (None: every clip), in the set's order: the videos of
+    the localization manifest `avsync synth` writes (`synth_prompt_set`), not the generator's code."""
+    from avsync.tasks.localization_data import synth_prompt_set
+
+    return [(source.key, source.video) for source in synth_prompt_set(synth_dir, split).sources]
+
+
 def score_synth_segmentation(
     backbone: CAVMAESync,
     synth_dir: str | Path,
@@ -301,25 +338,13 @@ def score_synth_segmentation(
     contiguous: bool = False,
     options: ExtractionOptions | None = None,
 ) -> SynthSegmentationScore:
-    """Segment every clip of a synthetic set (or one split) and score it against its per-frame classes.
+    """Segment every clip of a synthetic set (or one split) and score it against its per-frame classes
+    (`score_segmentation` on the set's videos and `annotations/`, the path of real annotated videos).
     `num_segments=None`: each clip's own number of distinct classes, i.e. the true count (the synthetic
     clips hold 2-4 events, fewer than the paper's 5); `"auto"`: the silhouette's choice."""
-    from avsync.synth import load_synth
-
-    manifest = load_synth(synth_dir)
-    if split is not None and split not in manifest.splits:
-        raise ValueError(f"unknown split {split!r}; use one of {sorted(manifest.splits)} or None (all clips)")
-    ids = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]
-    clips, skipped = [], []
-    for clip in ids:
-        try:
-            features = clip_features(backbone, manifest.video(clip), options)
-        except DecodeError as error:
-            skipped.append((clip, str(error)))
-            continue
-        truth = manifest.annotation(clip)["frames"]["class_indices"]
-        clips.append(segment_clip(features, num_segments, truth, linkage, contiguous))
-    return SynthSegmentationScore(clips, skipped)
+    videos = synth_videos(synth_dir, split)
+    annotations = Path(synth_dir) / "annotations"
+    return score_segmentation(backbone, videos, annotations, num_segments, linkage, contiguous, options)
 
 
 def synth_segmentation_ari(
@@ -342,17 +367,16 @@ def synth_segmentation_aris(
     settings: Sequence[int | Literal["auto"] | None] = (None, AUTO),
 ) -> list[float]:
     """`synth_segmentation_ari` for each `num_segments` of `settings`, encoding every clip once."""
-    from avsync.synth import load_synth
-
-    manifest = load_synth(synth_dir)
-    ids = manifest.splits[split] if split is not None else [clip.clip_id for clip in manifest.clips]
+    annotations = Path(synth_dir) / "annotations"
     per_setting: list[list[float]] = [[] for _ in settings]
-    for clip in ids:
+    for name, video in synth_videos(synth_dir, split):
+        truth = read_annotation(annotations, name)
         try:
-            features = clip_features(backbone, manifest.video(clip))
+            features = clip_features(backbone, video)
         except DecodeError:
             continue
-        truth = manifest.annotation(clip)["frames"]["class_indices"]
+        if truth is None:
+            continue
         for scores, count in zip(per_setting, settings, strict=True):
             scores.append(segment_clip(features, count, truth).agreement[kind]["ari"])
     return [float(np.mean(scores)) if scores else math.nan for scores in per_setting]
@@ -379,52 +403,41 @@ def video_names(videos: Sequence[Path]) -> list[str]:
     return names
 
 
-def build_parser():
-    """`avsync segment`'s parser (in `avsync.tool_parsers`, free of torch, so that help is quick)."""
-    from avsync.tool_parsers import segment
-
-    return segment()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.segments is not None and args.segments < 1:
-        print("avsync segment: error: --segments must be at least 1", file=sys.stderr)
-        return 2
-    if args.max_segments < 2:
-        print("avsync segment: error: --max-segments must be at least 2", file=sys.stderr)
-        return 2
-    from avsync.checkpoint_io import CheckpointError
-    from avsync.loading import load_backbone
+def run_segment(options: Segment) -> int:
+    """`avsync segment`: exit status 0 when a video was segmented, 1 when none could be, 2 for an
+    unusable checkpoint or annotations."""
+    from avsync.checkpoints import CheckpointError, load_backbone
     from avsync.output_paths import check_output_folder
 
     counts: dict[str, int] = {}
     try:
-        check_output_folder(args.out)  # before the model is read and the videos decoded
-        if args.annotations is not None and args.annotations.is_file():
-            counts = read_segment_counts(args.annotations)
-        elif args.annotations is not None and not args.annotations.is_dir():
-            raise ValueError(f"{args.annotations}: no such annotation folder or CSV file")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = load_backbone(args.ckpt).to(device)
+        check_output_folder(options.out)  # before the model is read and the videos decoded
+        if options.annotations is not None and options.annotations.is_file():
+            counts = read_segment_counts(options.annotations)
+        elif options.annotations is not None and not options.annotations.is_dir():
+            raise ValueError(f"{options.annotations}: no such annotation folder or CSV file")
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone = load_backbone(options.ckpt).to(device)
     except (CheckpointError, RuntimeError, ValueError, OSError) as error:
         print(f"avsync segment: error: {error}", file=sys.stderr)
         return 2
-    options = ExtractionOptions(max_duration=args.max_duration)
+    extraction = ExtractionOptions(max_duration=options.max_duration)
     results: dict[str, dict] = {}
     failures: list[dict[str, str]] = []
-    for video, name in zip(args.videos, video_names(args.videos), strict=True):
+    for video, name in zip(options.videos, video_names(options.videos), strict=True):
         try:
-            features = clip_features(backbone, video, options, args.alignment)
-            truth = read_annotation(args.annotations, video.stem) if args.annotations and not counts else None
+            features = clip_features(backbone, video, extraction, options.alignment)
+            truth = None
+            if options.annotations and not counts:
+                truth = read_annotation(options.annotations, video.stem)
             # the count: given > the annotation's (a CSV's, or the truth's distinct labels) > silhouette
-            count = args.segments or counts.get(video.stem) or (None if truth is not None else AUTO)
+            count = options.segments or counts.get(video.stem) or (None if truth is not None else AUTO)
             result = segment_clip(
-                features, count, truth, args.linkage, args.contiguous, args.tolerance, args.max_segments
+                features, **matching(options, segment_clip, num_segments=count, truth=truth)
             )
-            if video.stem in counts and args.segments is None:
+            if video.stem in counts and options.segments is None:
                 result.count_source = "annotations"
-            picture = plot_segmentation(features, result, args.out / f"{name}.png")
+            picture = plot_segmentation(features, result, options.out / f"{name}.png")
         except (DecodeError, ValueError, KeyError, OSError) as error:
             reason = str(error) if isinstance(error, DecodeError) else f"{video}: {error}"
             print(f"skipped {reason}", file=sys.stderr)
@@ -437,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {result.counts['audio_visual']} audio-visual segments ({result.count_source}) "
             f"{result.segments['audio_visual']}{summary}"
         )
-    report: dict = {"segments": args.segments, "max_segments": args.max_segments}
-    report |= {"contiguous": args.contiguous, "linkage": args.linkage}
+    report: dict = {"segments": options.segments, "max_segments": options.max_segments}
+    report |= {"contiguous": options.contiguous, "linkage": options.linkage}
     report |= {"videos": results, "failures": failures}
     scored = [entry["agreement"] for entry in results.values() if "agreement" in entry]
     if scored:
@@ -448,10 +461,6 @@ def main(argv: list[str] | None = None) -> int:
             }
             for kind in FEATURE_KINDS
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "segments.json").write_text(json.dumps(report, indent=1) + "\n")
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "segments.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0 if results else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,10 +11,11 @@ renames it over the destination (`os.replace`, atomic within one filesystem) and
 The `.partial` name is not one that `ckpt_path="last"` or a `*.ckpt` glob picks up; a leftover from a
 killed save is overwritten by the next save to the same name.
 
-Reads (Lightning's resume, `--ckpt_path` of every subcommand) are always weights-only
-(`avsync.checkpoint_io.load_pickle`), whatever the caller asked, and a file that cannot serve the run
-(another format, no training state for `fit`, weights of another model) is a `CheckpointError` naming
-it before Lightning touches the module.
+This plugin is the run's writer. It is not a second reader: a load (Lightning's resume, `--ckpt_path`
+of every subcommand) opens the file once, here or through fsspec for a remote one, and hands the handle
+to `avsync.checkpoints.read_lightning_checkpoint`, which reads it weights-only whatever the caller
+asked and refuses a file that cannot serve the run (another format, no training state for `fit`,
+weights of another model) with a `CheckpointError` naming it, before Lightning touches the module.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,12 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from avsync.checkpoint_io import CheckpointError, check_finite, load_pickle, looks_like_safetensors
+from avsync.checkpoints import CheckpointError, read_lightning_checkpoint
+from avsync.checkpoints.load import SAFETENSORS_IS_NOT_A_RUN
 
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
-#: What a `fit` resume reads besides the weights (absent from `save_weights_only` checkpoints).
-TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "loops")
 
 
 def partial_path(path: str | Path) -> Path:
@@ -88,49 +87,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         filesystem = get_filesystem(path)
         if not filesystem.exists(path):
             raise CheckpointError(f"{path}: no such checkpoint file")
-        local = isinstance(filesystem, LocalFileSystem)
-        if str(path).endswith(".safetensors") or (local and looks_like_safetensors(path)):
-            raise CheckpointError(
-                f"{path}: a safetensors file holds weights only; a run resumes from (and validate / test "
-                "read) a Lightning checkpoint (.ckpt)"
-            )
-        with filesystem.open(path, "rb") as handle:
-            checkpoint = load_pickle(handle, str(path), map_location)
-        self._check(checkpoint, str(path))
-        return checkpoint
-
-    def _check(self, checkpoint: Any, name: str) -> None:
-        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-            raise CheckpointError(f"{name}: not a Lightning checkpoint (no state_dict mapping)")
-        if not isinstance(checkpoint.get("hyper_parameters", {}), Mapping):
-            raise CheckpointError(f"{name}: its hyper_parameters are not a mapping")
-        state = checkpoint["state_dict"]
-        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-            raise CheckpointError(f"{name}: its state_dict is not a mapping of names to tensors")
-        check_finite(state, name)
-        if getattr(self, "_training_state", False):
-            absent = [key for key in TRAINING_STATE_KEYS if key not in checkpoint]
-            if absent:
-                raise CheckpointError(
-                    f"{name}: holds no training state ({', '.join(absent)} missing: saved with "
-                    "save_weights_only, or not a training checkpoint); fit cannot resume from it"
-                )
+        if str(path).endswith(".safetensors"):
+            raise CheckpointError(f"{path}: {SAFETENSORS_IS_NOT_A_RUN}")
         module = getattr(self, "_module", None)
-        module = module() if module is not None else None
-        if module is not None and getattr(module, "strict_loading", True):
-            own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            missing = sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            wrong = sorted(k for k in own if k in state and tuple(state[k].shape) != own[k])
-            if missing or unexpected or wrong:
-                raise CheckpointError(
-                    f"{name}: its weights do not fit the configured model (another model or config): "
-                    f"missing {_some(missing)}, unexpected {_some(unexpected)}, wrong shapes {_some(wrong)}"
-                )
-
-
-def _some(keys: list[str], limit: int = 5) -> str:
-    return str(keys[:limit])[:-1] + (f", ... {len(keys) - limit} more]" if len(keys) > limit else "]")
+        with filesystem.open(path, "rb") as handle:  # the one opening of the file
+            return read_lightning_checkpoint(
+                handle,
+                str(path),
+                map_location,
+                module=module() if module is not None else None,
+                training_state=getattr(self, "_training_state", False),
+            )
 
 
 def _fsync_directory(directory: Path) -> None:

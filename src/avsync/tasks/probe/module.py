@@ -18,9 +18,8 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from avsync.checkpoint_io import CheckpointError
+from avsync.checkpoints import CheckpointError, resolve_backbone
 from avsync.config_checks import check_count, check_number, check_optimizer
-from avsync.loading import resolve_backbone
 from avsync.model import CAVMAESync
 from avsync.model.backbone import FeatureLayer
 from avsync.tasks.pretrain import adam_optimizer, warmup_cosine
@@ -49,7 +48,7 @@ class ProbeModule(L.LightningModule):
 
     Args:
         backbone: a `CAVMAESync` (frozen in place: eval mode, no gradients).
-        backbone_checkpoint: or a checkpoint `avsync.loading.resolve_backbone` loads (PretrainModule
+        backbone_checkpoint: or a checkpoint `avsync.checkpoints.resolve_backbone` loads (PretrainModule
             checkpoint, avsync safetensors export, the authors' release).
         authors_kwargs: constructor arguments for an authors' checkpoint that its weights cannot reveal.
         modality: `audio`, `video` or `audio_visual` (`[g_a, g_v]` per step, paper Table 10).

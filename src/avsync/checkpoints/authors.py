@@ -1,60 +1,60 @@
-"""Weights from elsewhere: the authors' CAV-MAE Sync / CAV-MAE checkpoints and ImageNet MAE ViTs.
+"""The authors' CAV-MAE Sync / CAV-MAE checkpoints (and their classifier) in avsync's key names.
 
-Each format is described by a table of key rules; anything a rule does not cover is an error that
-lists the keys, never silently dropped. Positional embeddings are fixed sin-cos in every format:
-they are recomputed here and a file whose tables differ is refused.
+Each layout is a table of key rules; anything a rule does not cover is an error that lists the keys,
+never silently dropped. Positional embeddings are fixed sin-cos: they are recomputed by the model, and
+a file whose tables differ is refused. Nothing is built before `validate.build_backbone` has checked
+that the file backs the model its shapes declare.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from avsync.checkpoint_io import CheckpointError, check_finite, read_weights, state_dict_of
-from avsync.model.backbone import CAVMAESync
+from avsync.checkpoints.formats import CheckpointError, read_weights, state_dict_of, strip_prefix
+from avsync.checkpoints.validate import DEPTHS, build_backbone
+from avsync.model import CAVMAESync
 
-log = logging.getLogger(__name__)
-
-_LEAF = r"(weight|bias)"
-_BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+#: ViT block parts as timm names them (the authors' layout and MAE's).
+LEAF = r"(weight|bias)"
+BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 #: authors' key pattern -> avsync key template
 AUTHORS_RULES: list[tuple[str, str]] = [
-    (rf"patch_embed_a\.proj\.{_LEAF}", r"audio_tokenizer.patch_embed.proj.\1"),
-    (rf"patch_embed_v\.proj\.{_LEAF}", r"video_tokenizer.patch_embed.proj.\1"),
+    (rf"patch_embed_a\.proj\.{LEAF}", r"audio_tokenizer.patch_embed.proj.\1"),
+    (rf"patch_embed_v\.proj\.{LEAF}", r"video_tokenizer.patch_embed.proj.\1"),
     (r"modality_a", "audio_tokenizer.modality"),
     (r"modality_v", "video_tokenizer.modality"),
     (r"cls_token_a", "global_tokens.audio"),
     (r"cls_token_v", "global_tokens.video"),
-    (rf"blocks_a\.(\d+)\.{_BLOCK}\.{_LEAF}", r"audio_encoder.\1.\2.\3"),
-    (rf"blocks_v\.(\d+)\.{_BLOCK}\.{_LEAF}", r"video_encoder.\1.\2.\3"),
-    (rf"blocks_u\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.{_LEAF}", r"joint.blocks.\1.\2.\3"),
-    (rf"blocks_u\.(\d+)\.(norm[12])\.{_LEAF}", r"joint.blocks.\1.\2.joint.\3"),
-    (rf"blocks_u\.(\d+)\.(norm[12])_a\.{_LEAF}", r"joint.blocks.\1.\2.audio.\3"),
-    (rf"blocks_u\.(\d+)\.(norm[12])_v\.{_LEAF}", r"joint.blocks.\1.\2.video.\3"),
-    (rf"norm\.{_LEAF}", r"joint.norm.\1"),
-    (rf"norm_a\.{_LEAF}", r"joint.norm_audio.\1"),
-    (rf"norm_v\.{_LEAF}", r"joint.norm_video.\1"),
-    (rf"constrative_head_audio\.(\d+)\.{_BLOCK}\.{_LEAF}", r"joint.contrastive_heads.audio.\1.\2.\3"),
-    (rf"constrative_head_visual\.(\d+)\.{_BLOCK}\.{_LEAF}", r"joint.contrastive_heads.video.\1.\2.\3"),
-    (rf"decoder_embed\.{_LEAF}", r"decoder.embed.\1"),
+    (rf"blocks_a\.(\d+)\.{BLOCK}\.{LEAF}", r"audio_encoder.\1.\2.\3"),
+    (rf"blocks_v\.(\d+)\.{BLOCK}\.{LEAF}", r"video_encoder.\1.\2.\3"),
+    (rf"blocks_u\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.{LEAF}", r"joint.blocks.\1.\2.\3"),
+    (rf"blocks_u\.(\d+)\.(norm[12])\.{LEAF}", r"joint.blocks.\1.\2.joint.\3"),
+    (rf"blocks_u\.(\d+)\.(norm[12])_a\.{LEAF}", r"joint.blocks.\1.\2.audio.\3"),
+    (rf"blocks_u\.(\d+)\.(norm[12])_v\.{LEAF}", r"joint.blocks.\1.\2.video.\3"),
+    (rf"norm\.{LEAF}", r"joint.norm.\1"),
+    (rf"norm_a\.{LEAF}", r"joint.norm_audio.\1"),
+    (rf"norm_v\.{LEAF}", r"joint.norm_video.\1"),
+    (rf"constrative_head_audio\.(\d+)\.{BLOCK}\.{LEAF}", r"joint.contrastive_heads.audio.\1.\2.\3"),
+    (rf"constrative_head_visual\.(\d+)\.{BLOCK}\.{LEAF}", r"joint.contrastive_heads.video.\1.\2.\3"),
+    (rf"decoder_embed\.{LEAF}", r"decoder.embed.\1"),
     (r"mask_token", "decoder.mask_token"),
     (r"decoder_modality_a", "decoder.modality_audio"),
     (r"decoder_modality_v", "decoder.modality_video"),
-    (rf"decoder_blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", r"decoder.blocks.\1.\2.\3"),
-    (rf"decoder_norm\.{_LEAF}", r"decoder.norm.\1"),
-    (rf"decoder_pred_a\.{_LEAF}", r"decoder.predict_audio.\1"),
-    (rf"decoder_pred_v\.{_LEAF}", r"decoder.predict_video.\1"),
+    (rf"decoder_blocks\.(\d+)\.{BLOCK}\.{LEAF}", r"decoder.blocks.\1.\2.\3"),
+    (rf"decoder_norm\.{LEAF}", r"decoder.norm.\1"),
+    (rf"decoder_pred_a\.{LEAF}", r"decoder.predict_audio.\1"),
+    (rf"decoder_pred_v\.{LEAF}", r"decoder.predict_video.\1"),
 ]
 
 #: Every authors' block carries all three LayerNorm sets, but only the joint block reads `_a`/`_v`.
 AUTHORS_UNUSED = re.compile(
-    rf"(blocks_a|blocks_v|decoder_blocks|constrative_head_audio|constrative_head_visual)\.\d+\.norm[12]_[av]\.{_LEAF}"
+    rf"(blocks_a|blocks_v|decoder_blocks|constrative_head_audio|constrative_head_visual)\.\d+\.norm[12]_[av]\.{LEAF}"
 )
 
 #: Fixed sin-cos tables in the authors' file -> the avsync buffer they must equal.
@@ -217,12 +217,6 @@ def _authors_config(state: dict[str, torch.Tensor], authors_kwargs: dict) -> dic
     return {**config, **given}
 
 
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
 def convert_authors_state_dict(
     state: dict[str, torch.Tensor], model: CAVMAESync, source: str = "checkpoint", *, values: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -292,8 +286,7 @@ def _check_names(state: dict[str, torch.Tensor], config: dict, source: str) -> N
     """Missing, unexpected and misshapen keys, named before any size check: a file without
     `blocks_a.10` is reported as missing `blocks_a.10.*`, not as too small. Built on the `meta` device
     (nothing allocated), and only for configs with no more blocks than the file has tensors."""
-    depths = ("encoder_depth", "joint_depth", "decoder_depth", "contrastive_head_depth")
-    if sum(int(config.get(name, 0)) for name in depths) > len(state):
+    if sum(int(config.get(name, 0)) for name in DEPTHS) > len(state):
         return  # an implausible config: build_backbone refuses it
     try:
         with torch.device("meta"):
@@ -318,8 +311,6 @@ def load_authors_checkpoint(path_or_state_dict, *, source: str | None = None, **
         config = _authors_config(state, authors_kwargs)
     except (IndexError, ZeroDivisionError) as error:  # tensors of the wrong rank or empty
         raise CheckpointError(f"{source}: not a CAV-MAE / CAV-MAE Sync state dict ({error})") from None
-    from avsync.loading import build_backbone  # not at the top: avsync.loading imports this module
-
     _check_names(state, config, source)
     model = build_backbone(config, state, source, exact=False)  # refuses before allocating
     model.load_state_dict(convert_authors_state_dict(state, model, source))
@@ -331,11 +322,11 @@ def load_authors_checkpoint(path_or_state_dict, *, source: str | None = None, **
 #: The authors' classifier head (`CAVMAEFT` with `aggregate="self_attention_cls"`) -> `ProbeHead` keys.
 AUTHORS_CLASSIFIER_RULES: list[tuple[str, str]] = [
     (r"cls_cls_token", "cls"),
-    (rf"classifier_layers\.(\d+)\.{_BLOCK}\.{_LEAF}", r"blocks.\1.\2.\3"),
-    (rf"classifier_norm\.{_LEAF}", r"norm.\1"),
-    (rf"classifier_head\.{_LEAF}", r"classifier.\1"),
+    (rf"classifier_layers\.(\d+)\.{BLOCK}\.{LEAF}", r"blocks.\1.\2.\3"),
+    (rf"classifier_norm\.{LEAF}", r"norm.\1"),
+    (rf"classifier_head\.{LEAF}", r"classifier.\1"),
 ]
-AUTHORS_CLASSIFIER_UNUSED = re.compile(rf"classifier_layers\.\d+\.norm[12]_[av]\.{_LEAF}")
+AUTHORS_CLASSIFIER_UNUSED = re.compile(rf"classifier_layers\.\d+\.norm[12]_[av]\.{LEAF}")
 #: `CAVMAEFT` arguments that shape its classifier (or its use of the backbone), not the backbone.
 AUTHORS_CLASSIFIER_ARGUMENTS = {"label_dim", "aggregate", "mode", "joint_layers", "contrastive_head"}
 _HEAD_ENDS, _LEAVES = (("norm", "norm"), ("head", "classifier")), ("weight", "bias")
@@ -454,171 +445,3 @@ def load_authors_classifier(
             f"{source}: label_dim={label_dim} but the classifier has {head_config['num_classes']} outputs"
         )
     return AuthorsClassifier(backbone, head_config, head_state)
-
-
-# ---------------------------------------------------------------------------------------- ImageNet MAE
-
-#: The released MAE weights the paper's recipe starts from: ViT-B/16 on ImageNet-1K *with its decoder*,
-#: trained to reconstruct normalized pixels (facebookresearch/mae issue #8). CAV-MAE's
-#: `src/adapt_vmae_weights.py` adapts this file (`mae_pretrain_vit_base_full.pth`) into the
-#: `ori_mae_11.pth` that CAV-MAE and CAV-MAE Sync pretrain from (supplementary §6.2). The README's
-#: `mae_pretrain_vit_base.pth` is the encoder alone.
-MAE_FULL_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base_full.pth"
-
-#: Where to get the file and how to point to it (the end of every error about a missing init file).
-MAE_INIT_HINT = (
-    f"download {MAE_FULL_URL} (ImageNet MAE ViT-B with its decoder, the file CAV-MAE's "
-    "adapt_vmae_weights.py adapts) and pass --model.init_args.init_from=PATH (or set init_from: PATH in the "
-    "config); init_from: none starts from random weights on purpose"
-)
-
-#: avsync tensors that adapt_vmae_weights.py fills from no MAE weight (they keep their initialization):
-#: modality embeddings, registers, the optional contrastive heads.
-NOT_FROM_MAE = re.compile(
-    r"(audio|video)_tokenizer\.modality|decoder\.modality_(audio|video)|registers\.(audio|video)"
-    r"|joint\.contrastive_heads\..*"
-)
-
-#: MAE's fixed sin-cos tables (a zero class-token slot, then the patch grid) -> the avsync buffer their
-#: patch rows must equal (adapt_vmae_weights.py copies them into `pos_embed_v`, `decoder_pos_embed_v`).
-MAE_POSITIONS = {"pos_embed": "video_tokenizer.pos_embed", "decoder_pos_embed": "decoder.pos_video"}
-
-
-@dataclass
-class InitReport:
-    """What an initialization copied (`loaded`: avsync keys) and what it left alone, with why."""
-
-    loaded: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        return f"initialized {len(self.loaded)} tensors; skipped {len(self.skipped)}: " + ", ".join(
-            f"{k} ({why})" for k, why in sorted(self.skipped.items())
-        )
-
-
-def _mae_targets(key: str, model: CAVMAESync) -> list[str]:
-    """The avsync keys one ImageNet MAE (or timm ViT) tensor initializes."""
-    encoder_depth = len(model.audio_encoder)
-    if match := re.fullmatch(rf"blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", key):
-        index, part, leaf = int(match.group(1)), match.group(2), match.group(3)
-        if index < encoder_depth:
-            return [f"audio_encoder.{index}.{part}.{leaf}", f"video_encoder.{index}.{part}.{leaf}"]
-        joint_index = index - encoder_depth
-        if joint_index >= len(model.joint.blocks):
-            return []
-        if part.startswith("norm"):
-            return [f"joint.blocks.{joint_index}.{part}.{s}.{leaf}" for s in ("joint", "audio", "video")]
-        return [f"joint.blocks.{joint_index}.{part}.{leaf}"]
-    if match := re.fullmatch(rf"(?:norm|fc_norm)\.{_LEAF}", key):
-        return [f"joint.{n}.{match.group(1)}" for n in ("norm", "norm_audio", "norm_video")]
-    if match := re.fullmatch(rf"patch_embed\.proj\.{_LEAF}", key):
-        return [
-            f"video_tokenizer.patch_embed.proj.{match.group(1)}",
-            f"audio_tokenizer.patch_embed.proj.{match.group(1)}",
-        ]
-    if match := re.fullmatch(rf"decoder_blocks\.(\d+)\.{_BLOCK}\.{_LEAF}", key):
-        return [f"decoder.blocks.{match.group(1)}.{match.group(2)}.{match.group(3)}"]
-    renames = {"decoder_embed": "decoder.embed", "decoder_norm": "decoder.norm"}
-    if match := re.fullmatch(rf"(decoder_embed|decoder_norm)\.{_LEAF}", key):
-        return [f"{renames[match.group(1)]}.{match.group(2)}"]
-    if match := re.fullmatch(rf"decoder_pred\.{_LEAF}", key):  # both heads (`_mae_value` cuts the audio one)
-        return [f"decoder.predict_video.{match.group(1)}", f"decoder.predict_audio.{match.group(1)}"]
-    if key == "mask_token":
-        return ["decoder.mask_token"]
-    if key == "cls_token":  # adapt_vmae_weights.py: cls_token_a and cls_token_v
-        return ["global_tokens.audio", "global_tokens.video"]
-    return []
-
-
-def _mae_value(target: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The part of an MAE tensor that `target` takes, cut as adapt_vmae_weights.py cuts it: the audio
-    patch filter is the sum of the RGB filters; the audio reconstruction head takes the first `p*p` rows
-    of the RGB head (MAE's rows run pixel-major, channel-minor, so these are not one colour's rows: the
-    authors' choice, kept)."""
-    if target == "audio_tokenizer.patch_embed.proj.weight" and tensor.ndim == 4:
-        return tensor.sum(dim=1, keepdim=True)
-    if target.startswith("decoder.predict_audio.") and tensor.shape[0] == 3 * shape[0]:
-        return tensor[: shape[0]]
-    return tensor
-
-
-def _position_check(key: str, tensor: torch.Tensor, model: CAVMAESync) -> str | None:
-    """None when the patch rows of MAE's fixed table `key` equal avsync's (recomputed) table, else why not."""
-    reference = dict(model.named_buffers())[MAE_POSITIONS[key]]
-    rows = tensor[:, -reference.shape[1] :] if tensor.ndim == 3 else tensor
-    if rows.shape != reference.shape:
-        return f"{key} {tuple(tensor.shape)} does not fit the {tuple(reference.shape)} patch grid"
-    if not torch.allclose(rows.float(), reference, atol=1e-5):
-        return f"{key} is not the fixed sin-cos table (learned positions?)"
-    return None
-
-
-def _summarize(keys: list[str]) -> str:
-    """avsync keys, a block whose tensors are all listed as one `prefix.*`."""
-    groups: dict[str, list[str]] = {}
-    for key in sorted(keys):
-        match = re.match(r"(.+?\.\d+)\.", key)
-        groups.setdefault(match.group(1) if match else key, []).append(key)
-    return ", ".join(f"{prefix}.*" if len(members) > 1 else members[0] for prefix, members in groups.items())
-
-
-def init_from_mae(model: CAVMAESync, path_or_state_dict, *, complete: bool = False) -> InitReport:
-    """Initialize from an ImageNet MAE ViT (MAE or timm key names) as CAV-MAE's adapt_vmae_weights.py
-    does: blocks 0..d-1 into both modality encoders, block d into the joint layer (its LayerNorms into
-    all three sets), the final norm into the three output norms, the class token into both global
-    tokens, the MAE decoder (when present) into the decoder, its pixel head into the video head and its
-    first `p*p` rows into the audio head. The audio patch convolution takes the sum of the RGB filters.
-    MAE's fixed position tables must be avsync's (they are recomputed, not copied). Shapes must match;
-    the report lists the rest.
-
-    `complete` (the paper's recipe): every tensor adapt_vmae_weights.py fills must come from the file,
-    so that an encoder-only file (`mae_pretrain_vit_base.pth`) cannot leave the decoder random unnoticed.
-    """
-    source = "state dict"
-    if isinstance(path_or_state_dict, (str, Path)):
-        source = str(path_or_state_dict)
-        path_or_state_dict = read_weights(path_or_state_dict)
-    state = strip_prefix(state_dict_of(path_or_state_dict, source))
-    check_finite(state, source)
-    own = model.state_dict()
-    report = InitReport()
-    updates: dict[str, torch.Tensor] = {}
-    mismatched: list[str] = []
-    wrong_positions: list[str] = []
-    for key, tensor in state.items():
-        if key in MAE_POSITIONS:
-            problem = _position_check(key, tensor, model)
-            report.skipped[key] = problem or "the fixed sin-cos table, equal to avsync's (recomputed)"
-            wrong_positions += [problem] if problem else []
-            continue
-        targets = [t for t in _mae_targets(key, model) if t in own]
-        if not targets:
-            report.skipped[key] = "no counterpart in this model"
-            continue
-        for target in targets:
-            value = _mae_value(target, tensor, own[target].shape)
-            if value.shape != own[target].shape:
-                mismatched.append(f"{key} {tuple(value.shape)} -> {target} {tuple(own[target].shape)}")
-            else:
-                updates[target] = value
-                report.loaded.append(target)
-    if mismatched:
-        raise CheckpointError(f"{source}: shapes do not match this model: " + "; ".join(mismatched))
-    if not updates:
-        raise CheckpointError(f"{source}: nothing in it matches a ViT/MAE layout")
-    unfilled = [k for k in own if k not in updates and not NOT_FROM_MAE.fullmatch(k)]
-    if complete and (unfilled or wrong_positions):
-        problems = [f"nothing for {_summarize(unfilled)}"] if unfilled else []
-        if not any(k.startswith("decoder_") for k in state):
-            problems.append("it has no decoder (the encoder-only mae_pretrain_vit_base.pth?)")
-        raise CheckpointError(
-            f"{source}: not the full MAE checkpoint this recipe starts from: "
-            + "; ".join(problems + wrong_positions)
-            + f"; {MAE_INIT_HINT}"
-        )
-    model.load_state_dict(updates, strict=False)
-    for key in sorted(set(own) - set(updates)):
-        report.skipped.setdefault(key, "not in the MAE checkpoint; keeps its initialization")
-    log.info("MAE init from %s: %s", source, report.summary())
-    return report
