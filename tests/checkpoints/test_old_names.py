@@ -3,6 +3,8 @@ earlier versions) keeps working: the names are the package's own functions, not 
 
 from __future__ import annotations
 
+import pytest
+
 import avsync.checkpoints
 import avsync.loading
 
@@ -11,3 +13,11 @@ def test_the_earlier_module_gives_the_packages_functions():
     for name in avsync.loading.__all__:
         assert getattr(avsync.loading, name) is getattr(avsync.checkpoints, name), name
     assert {"load_backbone", "save_backbone", "resolve_backbone"} <= set(avsync.loading.__all__)
+
+
+def test_the_moved_authors_loader_names_its_new_home():
+    from avsync.model import CAVMAESync
+
+    moved = r"avsync\.checkpoints\.load_authors_checkpoint\('released\.pth'\)"
+    with pytest.raises(AttributeError, match=moved):
+        CAVMAESync.from_authors_checkpoint("released.pth")

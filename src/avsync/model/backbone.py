@@ -185,6 +185,15 @@ class CAVMAESync(nn.Module):
             raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    @classmethod
+    def from_authors_checkpoint(cls, path, **_) -> CAVMAESync:
+        """Moved: reading checkpoint files is `avsync.checkpoints`' job, and the model imports none of it
+        (docs/architecture.md). Says where the call went instead of failing with an AttributeError."""
+        raise AttributeError(
+            "CAVMAESync.from_authors_checkpoint moved: use avsync.checkpoints.load_authors_checkpoint"
+            f"({str(path)!r}) or avsync.load({str(path)!r})"
+        )
+
     def _init_weights(self) -> None:
         """The authors' initialization (`CAVMAE.initialize_weights` and `_init_weights`): xavier-uniform
         linears (and patch convolutions seen as linears), zero biases, unit LayerNorms, N(0, 0.02)
